@@ -1,0 +1,184 @@
+"""The `sad-pipe` command: parse -> config -> stage.run(config) -> report. Nothing else lives here.
+
+Exit codes: 0 success, 1 a runtime problem (bad cache, bad data, NaN abort...), 2 a usage or config
+error. User mistakes print one line (or one line per config key), never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+
+import click
+
+from sad_pipe.errors import ConfigError, SadPipeError
+
+
+class _Failure(click.ClickException):
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    def show(self, file=None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+def _reporting_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except SadPipeError as exc:
+            raise _Failure(str(exc), exc.exit_code) from None
+        except KeyboardInterrupt:
+            raise _Failure("interrupted; committed work is kept, re-run the same command to resume", 130) from None
+    return wrapper
+
+
+def _config(config_path, overrides, flags: dict):
+    from sad_pipe.pipeline.config import load_config
+
+    extra = [f"{key}={json.dumps(value)}" for key, value in flags.items() if value is not None]
+    return load_config(config_path, tuple(overrides) + tuple(extra))
+
+
+config_option = click.option("--config", "config_path", type=click.Path(dir_okay=False), help="JSON config file.")
+set_option = click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+                          help="Override one config value (JSON value or plain string); repeatable.")
+
+
+def _print(obj: dict, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(obj, indent=2, default=str))
+        return
+    for key, value in obj.items():
+        if isinstance(value, float):
+            value = f"{value:.4g}"
+        elif isinstance(value, dict):
+            value = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in value.items())
+        click.echo(f"{key:>28}: {value}")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors on stderr.")
+@click.version_option(package_name="sad-pipe")
+def main(quiet: bool) -> None:
+    """sad-pipe: cache a teacher LLM's outputs once, then distil students from the cache."""
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr,
+                        force=True)
+    for noisy in ("httpx", "urllib3", "filelock", "fsspec", "datasets", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@main.command("cache-teacher")
+@config_option
+@set_option
+@click.option("--output", help="Cache directory or URL (cache.path).")
+@click.option("--dry-run", is_flag=True, help="Count tokens and project the cache size from a small sample; write nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@_reporting_errors
+def cache_teacher_cmd(config_path, overrides, output, dry_run, as_json):
+    """Stage one: run the teacher over the dataset and fill the cache (resumes if interrupted)."""
+    from sad_pipe.pipeline import distributed
+    from sad_pipe.stages import cache_teacher
+
+    cfg = _config(config_path, overrides, {"cache.path": output})
+    distributed.init()
+    summary = cache_teacher.run(cfg, dry_run=dry_run)
+    if distributed.rank() == 0:
+        _print(summary, as_json)
+
+
+@main.command("train-student")
+@config_option
+@set_option
+@click.option("--output", help="Run directory (train.output).")
+@click.option("--epochs", type=int, help="train.epochs")
+@click.option("--max-steps", type=int, help="train.max_steps (optimizer steps)")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@_reporting_errors
+def train_student_cmd(config_path, overrides, output, epochs, max_steps, as_json):
+    """Stage two: train a student from the cache (the teacher is never loaded, except for kd_form=full)."""
+    from sad_pipe.pipeline import distributed
+    from sad_pipe.stages import train_student
+
+    cfg = _config(config_path, overrides, {"train.output": output, "train.epochs": epochs, "train.max_steps": max_steps})
+    distributed.init()
+    result = train_student.run(cfg)
+    if distributed.rank() == 0:
+        _print(result, as_json)
+
+
+@main.command("inspect")
+@click.argument("cache")
+@click.option("--json", "as_json", is_flag=True)
+@_reporting_errors
+def inspect_cmd(cache, as_json):
+    """What a cache holds: identity, sequences, tokens, shards, bytes per token per array, top-k mass."""
+    from sad_pipe.storage.inspect import describe
+
+    _print(describe(cache), as_json)
+
+
+@main.command("verify")
+@click.argument("cache")
+@click.option("--full", is_flag=True, help="Also hash every file and decode every chunk.")
+@click.option("--repair", is_flag=True, help="Re-create damaged shards by re-running exactly their sequences through the teacher.")
+@click.option("--json", "as_json", is_flag=True)
+@_reporting_errors
+def verify_cmd(cache, full, repair, as_json):
+    """Check a cache; exit 0 when intact, 1 with the damaged shards listed otherwise."""
+    from sad_pipe.storage.verify import drop_shards, verify
+
+    report = verify(cache, full=full or repair)
+    if repair and not report.ok:
+        from sad_pipe.pipeline.config import validate
+        from sad_pipe.stages import cache_teacher
+        from sad_pipe.storage.fs import CacheFS
+
+        damaged = report.damaged_shards()
+        raw = CacheFS(cache).read_json("config.json")  # the resolved config that built this cache
+        raw.setdefault("cache", {})["path"] = cache
+        cfg = validate(raw, f"{cache}/config.json")
+        drop_shards(cache, damaged)
+        click.echo(f"repair: re-creating {len(damaged)} shards: {', '.join(f'{s}/{i}' for s, i in damaged)}", err=True)
+        cache_teacher.run(cfg)
+        report = verify(cache, full=True)
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        state = "intact" if report.ok else "DAMAGED"
+        click.echo(f"{cache}: {state} ({report.shards_checked} shards, {report.files_checked} files"
+                   f"{', ' + format(report.bytes_checked, ',') + ' bytes hashed' if report.full else ''})"
+                   f"{'' if report.complete or not report.ok else ' - incomplete: no manifest yet'}")
+        for where, problems in report.problems.items():
+            for p in problems:
+                click.echo(f"  {where}: {p}")
+    if not report.ok:
+        sys.exit(1)
+
+
+@main.command("gc")
+@click.argument("cache")
+@_reporting_errors
+def gc_cmd(cache):
+    """Remove temporary and uncommitted files; never run it while cache-teacher writes to CACHE."""
+    from sad_pipe.storage.fs import CacheFS
+    from sad_pipe.storage.verify import collect_garbage
+
+    result = collect_garbage(CacheFS(cache))
+    click.echo(f"removed {len(result['removed'])} leftovers, freed {result['bytes']:,} bytes")
+
+
+@main.command("config-reference", hidden=True)
+def config_reference_cmd():
+    """Print the config reference (Markdown) that the README embeds."""
+    from sad_pipe.pipeline.config import reference_markdown
+
+    click.echo(reference_markdown())
+
+
+if __name__ == "__main__":
+    main()

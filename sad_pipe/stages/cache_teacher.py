@@ -1,0 +1,499 @@
+"""Stage one: run the teacher once over the data and fill the cache.
+
+    run(config) -> summary
+      1. tokenizer + teacher; the cache identity (teacher, tokenizer, data, packing, k, layers, dtypes)
+      2. plan: reuse the existing one (same identity) or tokenize + pack into tokens/ and plan.json
+      3. every uncommitted shard: teacher forward -> top-k, logsumexp, hidden states on the device ->
+         host -> a background thread encodes, writes and commits (the teacher keeps running)
+      4. finalize: per-sequence index, then manifest.json (last, only when every shard is committed)
+
+Re-running the same command resumes: committed shards are skipped, leftovers are deleted first.
+Without a teacher (`teacher.model: null`) the cache holds tokens only, which is how the demo trains
+its teacher with the same train-student path.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from sad_pipe.errors import CacheError, ConfigError, DataError, SadPipeError
+from sad_pipe.pipeline import distributed
+from sad_pipe.pipeline.config import Config
+from sad_pipe.pipeline.data import PackedDocuments, dataset_fingerprint
+from sad_pipe.pipeline.models import (
+    load_causal_lm, load_tokenizer, max_positions_of, num_layers_of, resolve_device, resolve_dtype,
+    teacher_identity, tokenizer_fingerprint, vocab_size_of,
+)
+from sad_pipe.storage.codecs import TopKScheme, encode_hidden, encode_topk
+from sad_pipe.storage.fs import CacheFS
+from sad_pipe.storage.manifest import (
+    Plan, cache_id, check_identity, hidden_name, missing_shards, read_commits, read_plan, topk_scheme,
+)
+from sad_pipe.storage.verify import collect_garbage, compressed_bytes_per_token
+from sad_pipe.storage.writer import ShardWriter, TokenWriter, create_plan, finalize
+
+log = logging.getLogger(__name__)
+
+# Positions per chunk of the fp32 vocabulary pass: bounds the [chunk, V] fp32 temporaries to ~256 MB.
+LOGIT_CHUNK_BYTES = 1 << 28
+
+
+class TeacherOutputError(SadPipeError):
+    """The teacher produced NaN/Inf; the shard is refused."""
+
+
+# -- the teacher on the device ----------------------------------------------------------------------
+
+@dataclass
+class TeacherRunner:
+    model: torch.nn.Module
+    device: torch.device
+    scheme: TopKScheme
+    temperatures: list[float]
+    layers: list[int]
+    hidden_dtype: str
+    store_target_logprob: bool
+
+    @torch.inference_mode()
+    def __call__(self, input_ids: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """input_ids [B, T] on the device -> (stored arrays [B, T, ...], per-batch stats), all on the device.
+
+        Only these cross to the host: top-k, lse and the selected layers, never [B, T, V] logits."""
+        b, t = input_ids.shape
+        out = self.model(input_ids=input_ids, use_cache=False, output_hidden_states=list(self.layers) or False)
+        flat = out.logits.reshape(b * t, -1)
+        vocab = flat.shape[1]
+        # The teacher's prediction at position i is scored against token i + 1; the last position
+        # of a sequence has no next token in it, so its target log-prob is 0 and it is left out of stats.
+        next_ids = torch.cat([input_ids[:, 1:], input_ids[:, :1]], dim=1).reshape(-1)
+        has_next = (torch.arange(t, device=self.device) < t - 1).repeat(b)
+        chunk = max(1, LOGIT_CHUNK_BYTES // (4 * vocab))
+        vals, ids, lses, targets, top1 = [], [], [], [], []
+        for s in range(0, b * t, chunk):
+            f = flat[s:s + chunk].float()
+            v, i = f.topk(self.scheme.k, dim=-1)
+            lse = torch.stack([torch.logsumexp(f / temp, dim=-1) for temp in self.temperatures], dim=-1)
+            lse1 = lse[:, self.temperatures.index(1.0)] if 1.0 in self.temperatures else torch.logsumexp(f, dim=-1)
+            targets.append(f.gather(-1, next_ids[s:s + chunk, None]).squeeze(-1) - lse1)
+            vals.append(v), ids.append(i), lses.append(lse), top1.append(i[:, 0] == next_ids[s:s + chunk])
+        vals, ids, lse = torch.cat(vals), torch.cat(ids), torch.cat(lses)
+        target = torch.where(has_next, torch.cat(targets), torch.zeros((), device=self.device))
+        bad = ~(torch.isfinite(vals).all(-1) & torch.isfinite(lse).all(-1))
+
+        arrays = {k: v.reshape(b, t, *v.shape[1:]) for k, v in encode_topk(vals, ids, self.scheme).items()}
+        arrays["lse"] = lse.reshape(b, t, -1)
+        if self.store_target_logprob:
+            arrays["target_logprob"] = target.reshape(b, t)
+        for layer in self.layers:
+            enc = encode_hidden(out.hidden_states[layer].reshape(b * t, -1), self.hidden_dtype)
+            arrays[hidden_name(layer)] = enc["values"].reshape(b, t, -1)
+            if "scale" in enc:
+                arrays[hidden_name(layer) + "_scale"] = enc["scale"].reshape(b, t)
+        # top-k probability mass at each cached T: how much of the distribution the cache keeps exactly.
+        mass = torch.stack([torch.exp(torch.logsumexp(vals / temp, -1) - lse[:, j]) for j, temp in enumerate(self.temperatures)], -1)
+        stats = {"bad_rows": bad.reshape(b, t).any(-1), "topk_mass": mass.sum(0),
+                 "target_nll": (-target * has_next).sum(), "target_top1": (torch.cat(top1) & has_next).sum(),
+                 "target_count": has_next.sum()}
+        return arrays, stats
+
+
+def _to_host(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Device -> host. On CUDA, into pinned buffers without blocking; the caller records an event."""
+    if next(iter(tensors.values())).device.type != "cuda":
+        return tensors
+    host = {}
+    for k, v in tensors.items():
+        buf = torch.empty(v.shape, dtype=v.dtype, pin_memory=True)
+        host[k] = buf.copy_(v, non_blocking=True)
+    return host
+
+
+# -- the background writer ----------------------------------------------------------------------------
+
+class BackgroundWriter:
+    """A thread that appends finished batches to their shard and commits full shards.
+
+    Compression and disk I/O overlap the next teacher forward. The queue is bounded: when writing
+    falls behind, the teacher waits instead of host memory growing. An error in the thread (a
+    teacher NaN, a full disk) discards that shard and is raised in the caller at the next call.
+    """
+
+    def __init__(self, depth: int, temperatures: list[float]):
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.temperatures = temperatures
+        self.error: BaseException | None = None
+        self.committed: list[dict] = []
+        self.bytes = 0
+        self.thread = threading.Thread(target=self._work, name="sad-pipe-writer", daemon=True)
+        self.thread.start()
+
+    def _work(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            writer, arrays, stats, event, rows = item
+            if self.error is not None:
+                writer.abort()
+                continue
+            try:
+                if event is not None:
+                    event.synchronize()
+                if arrays is None:  # the producer gave up on this shard (Ctrl-C)
+                    writer.abort()
+                    continue
+                bad = stats.pop("bad_rows").cpu().numpy()
+                if bad.any():
+                    names = ", ".join(str(r) for r in np.asarray(rows)[bad][:10])
+                    raise TeacherOutputError(
+                        f"teacher produced NaN/Inf logits for {writer.split} sequences [{names}] (shard {writer.shard}); "
+                        "that shard was not committed. float16 overflows on some models: try teacher.dtype bfloat16 or float32"
+                    )
+                mass = stats.pop("topk_mass").cpu().numpy()
+                flat = {k: float(v) for k, v in stats.items()}
+                flat.update({f"topk_mass_T{t:g}": float(m) for t, m in zip(self.temperatures, mass)})
+                writer.write({k: v.numpy() for k, v in arrays.items()}, flat)
+                if writer.filled == writer.rows:
+                    record = writer.finish()
+                    if record is not None:
+                        self.committed.append(record)
+                        self.bytes += sum(f["size"] for f in record["files"].values())
+            except BaseException as exc:  # noqa: BLE001 - handed to the producer thread
+                writer.abort()
+                self.error = exc
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def submit(self, writer: ShardWriter, arrays, stats, rows: np.ndarray) -> None:
+        self._raise()
+        event = None
+        if arrays is not None and next(iter(arrays.values())).device.type == "cuda":
+            arrays, stats = _to_host(arrays), _to_host(stats)
+            event = torch.cuda.Event()
+            event.record()
+        self.queue.put((writer, arrays, stats, event, rows))
+
+    def discard(self, writer: ShardWriter) -> None:
+        self.queue.put((writer, None, None, None, None))
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        self._raise()
+
+
+# -- identity and plan --------------------------------------------------------------------------------
+
+def _identity(cfg: Config, tokenizer, teacher, tokenizer_name: str) -> dict:
+    c, t = cfg.cache, cfg.teacher
+    return {
+        "teacher": None if teacher is None else teacher_identity(teacher, t.model, t.revision),
+        "tokenizer": {"name": tokenizer_name, "sha256": tokenizer_fingerprint(tokenizer), "size": len(tokenizer),
+                      "eos_token_id": tokenizer.eos_token_id},
+        "dataset": dataset_fingerprint(cfg.data),
+        "packing": {"max_length": cfg.data.max_length, "separator": "eos"},
+        "top_k": c.top_k if teacher is not None else 0,
+        "temperatures": list(c.temperatures) if teacher is not None else [],
+        "layers": list(t.layers) if teacher is not None else [],
+        "values": c.values, "hidden_dtype": c.hidden_dtype,
+        "store_target_logprob": c.store_target_logprob and teacher is not None,
+        "sequences_per_shard": c.sequences_per_shard, "sequences_per_chunk": c.sequences_per_chunk,
+    }
+
+
+def _check_teacher(cfg: Config, teacher, tokenizer) -> None:
+    problems = []
+    n_layers, vocab = num_layers_of(teacher), vocab_size_of(teacher)
+    bad = [i for i in cfg.teacher.layers if not 0 <= i <= n_layers]
+    if bad:
+        problems.append(f"teacher.layers {bad}: out of range; this teacher has hidden states 0..{n_layers}")
+    if cfg.cache.top_k > vocab:
+        problems.append(f"cache.top_k {cfg.cache.top_k}: larger than the teacher's vocabulary ({vocab})")
+    context = max_positions_of(teacher)
+    if context is not None and cfg.data.max_length > context:
+        problems.append(f"data.max_length {cfg.data.max_length}: longer than the teacher's context ({context})")
+    if len(tokenizer) > vocab:
+        problems.append(f"tokenizer has {len(tokenizer)} tokens but the teacher only {vocab} logits: not this teacher's tokenizer")
+    if problems:
+        raise ConfigError(problems)
+
+
+def _id_dtype(identity: dict) -> np.dtype:
+    vocab = max(identity["tokenizer"]["size"], (identity["teacher"] or {}).get("vocab_size", 0))
+    return np.dtype(np.uint16) if vocab <= 65536 else np.dtype(np.uint32)
+
+
+def _pack(cfg: Config, cache: CacheFS, tokenizer, identity: dict) -> Plan:
+    """Tokenize and pack every document into tokens/<split>, then describe the shards. Nothing is
+    visible until plan.json exists; a failure here leaves only _tmp/ garbage."""
+    c = cfg.cache
+    writers: dict[str, TokenWriter] = {}
+    bar = tqdm(desc="tokenize+pack", unit=" docs", dynamic_ncols=True)
+    packed = PackedDocuments(cfg.data, tokenizer, on_documents=bar.update)
+    id_dtype = _id_dtype(identity)
+    try:
+        for split, seq, span in packed:
+            if split not in writers:
+                writers[split] = TokenWriter(cache, split, cfg.data.max_length, id_dtype, c.sequences_per_shard, c.sequences_per_chunk)
+            writers[split].append(seq[None].astype(id_dtype), np.asarray([span], dtype=np.int64))
+        bar.close()
+        p = packed.packers
+        if p["train"].sequences == 0:
+            raise DataError(
+                f"data.path {cfg.data.path}: no training sequence of {cfg.data.max_length} tokens "
+                f"({p['train'].documents} documents, {p['train'].tokens} tokens); use more data or a smaller data.max_length"
+            )
+        if cfg.data.eval_fraction > 0 and p["eval"].sequences == 0:
+            raise DataError(
+                f"data.eval_fraction {cfg.data.eval_fraction}: the eval split has {p['eval'].tokens} tokens, "
+                f"less than one sequence of {cfg.data.max_length}; raise it, or set it to 0 for no eval split"
+            )
+        tokens, splits = {}, {}
+        for split, writer in writers.items():
+            info = writer.finish()
+            n = info["sequences"]
+            shards = [[a, min(a + c.sequences_per_shard, n)] for a in range(0, n, c.sequences_per_shard)]
+            splits[split] = {"sequences": n, "tokens": n * cfg.data.max_length, "documents": p[split].documents,
+                             "dropped_tokens": p[split].dropped, "shards": shards}
+            tokens[split] = info
+        return Plan(identity=identity, splits=splits, tokens=tokens)
+    except BaseException:
+        bar.close()
+        for writer in writers.values():
+            writer.abort()
+        raise
+
+
+# -- the run ----------------------------------------------------------------------------------------------
+
+def _fill(cfg: Config, cache: CacheFS, plan: Plan, runner: TeacherRunner, todo: list[tuple[str, int]], rank: int) -> dict:
+    """Run the teacher over the planned shards in `todo`; returns timing figures."""
+    t_len = plan.identity["packing"]["max_length"]
+    total = sum(plan.splits[s]["shards"][i][1] - plan.splits[s]["shards"][i][0] for s, i in todo)
+    tokens_dirs = {s: plan.tokens[s]["dir"] for s in plan.splits}
+    import zarr
+
+    token_arrays = {s: zarr.open_array(store=cache.zarr_store(f"{d}/input_ids", read_only=True), mode="r") for s, d in tokens_dirs.items()}
+    writer_thread = BackgroundWriter(cfg.cache.queue_depth, runner.temperatures)
+    bar = tqdm(total=total, desc=f"teacher{f' rank {rank}' if distributed.world_size() > 1 else ''}", unit=" seq",
+               dynamic_ncols=True, position=rank)
+    forward_s, done_tokens, start = 0.0, 0, time.perf_counter()
+    current = None
+    try:
+        for split, shard in todo:
+            a, b = plan.splits[split]["shards"][shard]
+            current = ShardWriter(cache, plan, split, shard, rank=rank)
+            ids_all = token_arrays[split][a:b].astype(np.int64)
+            for s in range(0, b - a, cfg.teacher.batch_size):
+                batch = torch.from_numpy(ids_all[s:s + cfg.teacher.batch_size]).to(runner.device, non_blocking=True)
+                t0 = time.perf_counter()
+                arrays, stats = runner(batch)
+                forward_s += time.perf_counter() - t0
+                writer_thread.submit(current, arrays, stats, np.arange(a + s, a + s + len(batch)))
+                done_tokens += len(batch) * t_len
+                bar.update(len(batch))
+                elapsed = time.perf_counter() - start
+                committed_tokens = sum(r["stats"]["tokens"] for r in writer_thread.committed)
+                bar.set_postfix_str(f"{done_tokens / elapsed:,.0f} tok/s"
+                                    + (f", {writer_thread.bytes / committed_tokens:,.0f} B/token" if committed_tokens else ""))
+            current = None  # fully submitted: the writer thread commits it
+        writer_thread.close()
+    except BaseException:
+        if current is not None:  # Ctrl-C or an error mid-shard: that shard is discarded, earlier ones still commit
+            writer_thread.discard(current)
+        try:
+            writer_thread.close()
+        except BaseException as exc:  # the writer's own error explains more than the interrupt
+            if not isinstance(exc, TeacherOutputError):
+                log.debug("writer thread error after interrupt: %s", exc)
+            else:
+                raise exc from None
+        raise
+    finally:
+        bar.close()
+    return {"forward_seconds": forward_s, "tokens": done_tokens, "committed": len(writer_thread.committed)}
+
+
+def _summary(cache: CacheFS, plan: Plan, figures: dict) -> dict:
+    commits = read_commits(cache)
+    per_array: dict[str, int] = {}
+    stats: dict[str, dict[str, float]] = {s: {} for s in plan.splits}
+    for (split, _), record in commits.items():
+        for name, info in record["files"].items():
+            array = name.split("/", 1)[0]
+            per_array[array] = per_array.get(array, 0) + info["size"]
+        for k, v in record["stats"].items():
+            stats[split][k] = stats[split].get(k, 0.0) + v
+    token_bytes = sum(f["size"] for t in plan.tokens.values() for f in t["files"].values())
+    tokens = sum(s["tokens"] for s in plan.splits.values())
+    total = sum(per_array.values()) + token_bytes
+    out = {
+        "sequences": {s: v["sequences"] for s, v in plan.splits.items()},
+        "tokens": tokens, "shards": len(commits), "bytes": total, "bytes_per_token": total / tokens,
+        "bytes_per_token_by_array": {"input_ids": token_bytes / tokens, **{k: v / tokens for k, v in sorted(per_array.items())}},
+        **figures,
+    }
+    for split, st in stats.items():
+        if st.get("target_count"):
+            out[f"teacher_{split}_ce"] = st["target_nll"] / st["target_count"]
+            out[f"teacher_{split}_top1"] = st["target_top1"] / st["target_count"]
+        for t in plan.identity["temperatures"]:
+            if f"topk_mass_T{t:g}" in st:
+                out.setdefault("topk_mass", {}).setdefault(f"T{t:g}", 0.0)
+                out["topk_mass"][f"T{t:g}"] += st[f"topk_mass_T{t:g}"] / tokens
+    return out
+
+
+def load_teacher_for(cfg: Config):
+    """(tokenizer, teacher or None, device), checked against the config. Shared with online KD."""
+    tok_name = cfg.data.tokenizer or cfg.teacher.model
+    if tok_name is None:
+        raise ConfigError("data.tokenizer: required when teacher.model is null (a tokens-only cache needs a tokenizer)")
+    tokenizer = load_tokenizer(tok_name, revision=None if cfg.data.tokenizer else cfg.teacher.revision,
+                               trust_remote_code=cfg.teacher.trust_remote_code)
+    if cfg.teacher.model is None:
+        return tokenizer, None, torch.device("cpu"), tok_name
+    device = resolve_device(cfg.teacher.device)
+    teacher = load_causal_lm(cfg.teacher.model, revision=cfg.teacher.revision, dtype=resolve_dtype(cfg.teacher.dtype, device),
+                             device=device, trust_remote_code=cfg.teacher.trust_remote_code, what="teacher")
+    teacher.eval()
+    _check_teacher(cfg, teacher, tokenizer)
+    return tokenizer, teacher, device, tok_name
+
+
+def _runner(cfg: Config, teacher, device, identity) -> TeacherRunner | None:
+    if teacher is None:
+        return None
+    return TeacherRunner(teacher, device, topk_scheme(identity), list(cfg.cache.temperatures), list(cfg.teacher.layers),
+                         cfg.cache.hidden_dtype, cfg.cache.store_target_logprob)
+
+
+def _open_cache(cfg: Config, identity: dict) -> tuple[CacheFS, Plan | None]:
+    cache = CacheFS(cfg.cache.path)
+    if cache.is_local and os.path.isfile(cache.root):
+        raise ConfigError(f"cache.path {cfg.cache.path}: is a file, expected a directory")
+    plan = read_plan(cache)
+    if plan is not None:
+        check_identity(plan.identity, identity, cfg.cache.path)
+    elif [n for n in cache.listdir("") if n not in ("_tmp", "tokens", "commits", "shards")]:
+        raise ConfigError(f"cache.path {cfg.cache.path}: directory is not empty and holds no sad-pipe cache; "
+                          "choose a new or empty directory")
+    return cache, plan
+
+
+def run(cfg: Config, *, dry_run: bool = False) -> dict:
+    """Stage one. Returns the cache summary (also saved in the manifest)."""
+    cfg.require("data.path", "cache.path")
+    start = time.perf_counter()
+    tokenizer, teacher, device, tok_name = load_teacher_for(cfg)
+    identity = _identity(cfg, tokenizer, teacher, tok_name)
+    if dry_run:
+        return _dry_run(cfg, tokenizer, teacher, device, identity)
+    rank, world = distributed.rank(), distributed.world_size()
+    cache, plan = _open_cache(cfg, identity)
+    if cache.exists("manifest.json") and plan is not None:
+        log.info("cache %s is complete; nothing to do", cfg.cache.path)
+        return {**cache.read_json("manifest.json")["summary"], "already_complete": True}
+    if rank == 0:
+        collect_garbage(cache)  # leftovers of an earlier crash; no other writer runs before the barrier
+        if plan is None:
+            plan = _create(cfg, cache, tokenizer, identity)
+    distributed.barrier()
+    plan = read_plan(cache)
+    todo = [(s, i) for s, i in missing_shards(plan, read_commits(cache)) if i % world == rank]
+    figures = {"forward_seconds": 0.0, "tokens": 0, "committed": 0}
+    runner = _runner(cfg, teacher, device, identity)
+    if runner is not None and todo:
+        log.info("teacher: %d shards to write (%d already committed)", len(todo),
+                 sum(len(v["shards"]) for v in plan.splits.values()) - len(missing_shards(plan, read_commits(cache))))
+        figures = _fill(cfg, cache, plan, runner, todo, rank)
+    figures = distributed.sum_figures(figures)
+    distributed.barrier()
+    wall = time.perf_counter() - start
+    summary = _summary(cache, plan, {
+        "wall_seconds": wall, "teacher_forward_seconds": figures["forward_seconds"],
+        "teacher_tokens_per_second": figures["tokens"] / figures["forward_seconds"] if figures["forward_seconds"] else None,
+        "cache_id": cache_id(plan.identity),
+    })
+    if rank == 0:
+        missing = missing_shards(plan, read_commits(cache))
+        if missing:
+            raise CacheError(f"{len(missing)} shards are still missing (another rank failed?); re-run to finish")
+        finalize(cache, summary)
+    distributed.barrier()
+    return summary
+
+
+def _create(cfg: Config, cache: CacheFS, tokenizer, identity: dict) -> Plan:
+    created_root = not cache.exists("")
+    try:
+        plan = _pack(cfg, cache, tokenizer, identity)
+        if not cache.exists("tokenizer/tokenizer_config.json"):
+            _save_tokenizer(cache, tokenizer)
+        plan = create_plan(cache, plan)
+        cache.write_atomic("config.json", (json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
+        return plan
+    except BaseException:
+        if created_root and cache.is_local and not cache.exists("plan.json"):
+            shutil.rmtree(cache.root, ignore_errors=True)  # nothing was committed: leave no trace
+        raise
+
+
+def _save_tokenizer(cache: CacheFS, tokenizer) -> None:
+    """The cache carries its tokenizer, so stage two never needs the teacher's path."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        for name in sorted(os.listdir(tmp)):
+            with open(os.path.join(tmp, name), "rb") as f:
+                cache.write_atomic(f"tokenizer/{name}", f.read())
+
+
+# -- dry run ----------------------------------------------------------------------------------------------
+
+SAMPLE_SEQUENCES = 8
+
+
+def _dry_run(cfg: Config, tokenizer, teacher, device, identity: dict) -> dict:
+    """Count sequences and tokens, then project the cache size per array from a small teacher sample."""
+    packed = PackedDocuments(cfg.data, tokenizer)
+    sample = []
+    counts = {"train": 0, "eval": 0}
+    for split, seq, _ in tqdm(packed, desc="tokenize+pack (dry run)", unit=" seq", dynamic_ncols=True):
+        counts[split] += 1
+        if len(sample) < SAMPLE_SEQUENCES:
+            sample.append(seq)
+    tokens = {s: n * cfg.data.max_length for s, n in counts.items()}
+    total_tokens = sum(tokens.values())
+    out = {"dry_run": True, "sequences": counts, "tokens": tokens,
+           "documents": {s: p.documents for s, p in packed.packers.items()}, "arrays": {}}
+    id_bytes = _id_dtype(identity).itemsize
+    out["arrays"]["input_ids"] = {"raw_bytes_per_token": id_bytes}
+    if teacher is not None and sample:
+        runner = _runner(cfg, teacher, device, identity)
+        arrays, _ = runner(torch.from_numpy(np.stack(sample)).to(device))
+        host = {k: v.cpu().numpy() for k, v in arrays.items()}
+        plan = Plan(identity=identity, splits={})
+        per_token = compressed_bytes_per_token(host, plan.arrays, identity["sequences_per_chunk"])
+        for spec in plan.arrays:
+            out["arrays"][spec.name] = {"raw_bytes_per_token": spec.bytes_per_token,
+                                        "compressed_bytes_per_token": per_token[spec.name]}
+    for name, a in out["arrays"].items():
+        per = a.get("compressed_bytes_per_token", a["raw_bytes_per_token"])
+        a["projected_bytes"] = per * total_tokens
+    out["projected_bytes"] = sum(a["projected_bytes"] for a in out["arrays"].values())
+    out["projected_bytes_per_token"] = out["projected_bytes"] / max(total_tokens, 1)
+    return out

@@ -1,0 +1,184 @@
+"""Loss components as pure functions. Shapes: N positions (B*T flattened), V vocab, k cached entries,
+D width, B batch, T positions per sequence. Every loss is a mean over unmasked positions; an
+all-masked batch gives 0, not NaN (`_mean` clamps the count at 1 to avoid 0/0).
+
+The vocabulary-sized part (CE and KD) runs in chunks of positions, each under activation
+checkpointing, so no [N, V] fp32 tensor ever exists for the whole batch: peak extra memory is
+O(chunk * V) instead of O(N * V) (`sad-pipe bench` measures it at V = 128k).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# log(1e-30): a floor for the student's tail log-mass. With k = V the tail is empty (mass 0) and the
+# teacher's tail mass is 0 up to rounding (~1e-7); the floor keeps 0 * log 0 finite.
+LOG_FLOOR = math.log(1e-30)
+
+
+def _mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    return total / count.clamp_min(1)
+
+
+@dataclass
+class TeacherTargets:
+    """What the teacher says about N positions. Either the cached top-k (ids, logits, lse at the
+    training T) or, for online KD, the full logits."""
+
+    ids: torch.Tensor | None = None  # [N, k] int64; entries with valid=False are ignored
+    logits: torch.Tensor | None = None  # [N, k] raw teacher logits (not divided by T)
+    lse: torch.Tensor | None = None  # [N] logsumexp(full teacher logits / T); needed by the tail form
+    valid: torch.Tensor | None = None  # [N, k] bool; False for ids the student has no logit for
+    full_logits: torch.Tensor | None = None  # [N, V] online teacher logits
+
+
+def kd_from_logits(student: torch.Tensor, teacher: TeacherTargets, form: str, temperature: float) -> torch.Tensor:
+    """Per-position T^2 * KL(teacher || student) at temperature T. student: [n, V] logits. Returns [n].
+
+    forms:
+      subset - both distributions renormalised over the teacher's top-k (the seed's);
+      tail   - top-k plus one bucket holding the rest: teacher tail mass from the cached lse,
+               student tail log-mass = logsumexp over its non-top-k logits minus its full lse
+               (never log(1 - sum p), which cancels catastrophically);
+      full   - the full vocabulary (online teacher).
+    """
+    t = temperature
+    s = student.float() / t
+    s_lse = torch.logsumexp(s, dim=-1)
+    if form == "full":
+        p_log = F.log_softmax(teacher.full_logits.float() / t, dim=-1)
+        q_log = s - s_lse.unsqueeze(-1)
+        return torch.where(p_log > -torch.inf, p_log.exp() * (p_log - q_log), 0.0).sum(-1) * t * t
+    ids = teacher.ids
+    valid = teacher.valid if teacher.valid is not None else torch.ones_like(ids, dtype=torch.bool)
+    t_scaled = torch.where(valid, teacher.logits.float() / t, torch.full_like(teacher.logits, -torch.inf, dtype=torch.float32))
+    s_k = s.gather(-1, ids)
+    if form == "subset":
+        p_log = t_scaled - torch.logsumexp(t_scaled, dim=-1, keepdim=True)
+        q_log = s_k - torch.logsumexp(torch.where(valid, s_k, -torch.inf), dim=-1, keepdim=True)
+        terms = torch.where(valid, p_log.exp() * (p_log - q_log), 0.0)
+        return terms.sum(-1) * t * t
+    if form != "tail":
+        raise ValueError(f"unknown kd form {form!r}")
+    p_log = t_scaled - teacher.lse.float().unsqueeze(-1)  # exact teacher log-probs at T (full-vocab normaliser)
+    q_log = s_k - s_lse.unsqueeze(-1)
+    head = torch.where(valid, p_log.exp() * (p_log - q_log), 0.0).sum(-1)
+    p_tail = (-torch.expm1(torch.logsumexp(p_log, dim=-1))).clamp_min(0.0)  # 1 - sum p, accurately near 0
+    # scatter_add, not scatter: an invalid entry may share an id with a valid one in the same row.
+    in_topk = torch.zeros_like(s).scatter_add_(-1, ids, valid.float()) > 0
+    q_tail_log = (torch.logsumexp(s.masked_fill(in_topk, -torch.inf), dim=-1) - s_lse).clamp_min(LOG_FLOOR)
+    tail = torch.where(p_tail > 0, p_tail * (torch.log(p_tail.clamp_min(1e-45)) - q_tail_log), 0.0)
+    return (head + tail) * t * t
+
+
+def _vocab_chunk(hidden, weight, bias, labels, ce_mask, kd_mask, t_ids, t_logits, t_lse, t_valid, t_full,
+                 form: str, temperature: float, want_kd: bool):
+    """Sums over one chunk of positions: (ce_sum, kd_sum, agree_sum). Recomputed in backward."""
+    logits = F.linear(hidden, weight, bias).float()  # [n, V]
+    lse = torch.logsumexp(logits, dim=-1)
+    target = logits.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    ce_sum = ((lse - target) * ce_mask).sum()
+    zero = logits.new_zeros(())
+    if not want_kd:
+        return ce_sum, zero, zero
+    teacher = TeacherTargets(ids=t_ids, logits=t_logits, lse=t_lse, valid=t_valid, full_logits=t_full)
+    kd_sum = (kd_from_logits(logits, teacher, form, temperature) * kd_mask).sum()
+    with torch.no_grad():
+        if t_full is not None:
+            t_top = t_full.argmax(-1)
+        else:
+            t_top = t_ids.gather(-1, torch.where(t_valid, t_logits.float(), -torch.inf).argmax(-1, keepdim=True)).squeeze(-1)
+        agree = ((logits.argmax(-1) == t_top).float() * kd_mask).sum()
+    return ce_sum, kd_sum, agree
+
+
+def vocab_losses(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+                 ce_mask: torch.Tensor, kd_mask: torch.Tensor, teacher: TeacherTargets | None, *, form: str,
+                 temperature: float, chunk_tokens: int) -> dict[str, torch.Tensor]:
+    """CE and KD through the student's output layer, chunk by chunk.
+
+    hidden [N, D] (final student states), weight [V, D] (+ bias [V]): the LM head, applied per chunk.
+    labels [N] (next-token ids, -1 where none), ce_mask / kd_mask [N] float.
+    Returns {"ce", "kd" (if teacher), "agreement" (if teacher): fraction of positions where the
+    student's argmax is the teacher's top-1}.
+    """
+    want_kd = teacher is not None
+    t = teacher or TeacherTargets()
+    n = hidden.shape[0]
+    sums = [hidden.new_zeros((), dtype=torch.float32) for _ in range(3)]
+    use_ckpt = torch.is_grad_enabled() and hidden.requires_grad
+    for a in range(0, n, chunk_tokens):
+        sl = slice(a, a + chunk_tokens)
+        args = (hidden[sl], weight, bias, labels[sl], ce_mask[sl], kd_mask[sl],
+                None if t.ids is None else t.ids[sl], None if t.logits is None else t.logits[sl],
+                None if t.lse is None else t.lse[sl], None if t.valid is None else t.valid[sl],
+                None if t.full_logits is None else t.full_logits[sl])
+        if use_ckpt:
+            part = checkpoint(_vocab_chunk, *args, form, temperature, want_kd, use_reentrant=False)
+        else:
+            part = _vocab_chunk(*args, form, temperature, want_kd)
+        sums = [s + p for s, p in zip(sums, part)]
+    out = {"ce": _mean(sums[0], ce_mask.sum())}
+    if want_kd:
+        out["kd"] = _mean(sums[1], kd_mask.sum())
+        out["agreement"] = _mean(sums[2].detach(), kd_mask.sum())
+    return out
+
+
+def vocab_losses_reference(logits: torch.Tensor, labels: torch.Tensor, ce_mask: torch.Tensor, kd_mask: torch.Tensor,
+                           teacher: TeacherTargets | None, *, form: str, temperature: float) -> dict[str, torch.Tensor]:
+    """The straightforward version over full [N, V] fp32 logits; used by tests and the benchmark."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    ce = -(logp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1) * ce_mask).sum() / ce_mask.sum().clamp_min(1)
+    out = {"ce": ce}
+    if teacher is not None:
+        out["kd"] = (kd_from_logits(logits, teacher, form, temperature) * kd_mask).sum() / kd_mask.sum().clamp_min(1)
+    return out
+
+
+# -- hidden-state losses ------------------------------------------------------------------------------
+
+def standardize(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Per-token zero mean, unit variance over features: puts states of any model on one scale."""
+    return F.layer_norm(x.float(), x.shape[-1:], eps=eps)
+
+
+def feature_loss(student: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Normalised MSE. student, target: [B, T, D] (student already projected to the teacher width;
+    target already standardised), mask [B, T]. Mean over unmasked tokens of the per-feature MSE."""
+    err = (standardize(student) - target.float()).pow(2).mean(-1)
+    return _mean((err * mask).sum(), mask.sum())
+
+
+def relation_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Token-relation transfer: KL(R_t || R_s), R = softmax(H H^T / sqrt(d)) over the causal past.
+
+    student [B, T, Ds], teacher [B, T, Dt] (any widths: relations are T x T), mask [B, T].
+    States are standardised first so the temperature sqrt(d) means the same for both models."""
+    b, t, _ = student.shape
+    causal = torch.ones(t, t, dtype=torch.bool, device=student.device).tril()
+    keys = causal.unsqueeze(0) & mask.bool().unsqueeze(1)  # [B, T, T]
+
+    def log_relations(h: torch.Tensor) -> torch.Tensor:
+        h = standardize(h)
+        scores = h @ h.transpose(1, 2) / math.sqrt(h.shape[-1])
+        return torch.log_softmax(scores.masked_fill(~keys, -torch.inf), dim=-1)
+
+    p_log, q_log = log_relations(teacher), log_relations(student)
+    kl = torch.where(keys, p_log.exp() * (p_log - q_log), 0.0).sum(-1)  # [B, T]
+    return _mean((kl * mask).sum(), mask.sum())
+
+
+def balance_loss(routing: torch.Tensor) -> torch.Tensor:
+    """KL(mean routing || uniform) over teacher layers; routing [S, B, L] (S student layers).
+
+    Zero when the teacher layers are used equally on average, so single student layers may still
+    specialise; it only stops the whole router collapsing onto one teacher layer."""
+    usage = routing.float().mean(dim=(0, 1))
+    n = usage.shape[-1]
+    return (usage * (usage * n).clamp_min(1e-12).log()).sum()

@@ -1,0 +1,736 @@
+"""Stage two: train a student from the cache; the teacher never occupies memory (except kd_form=full).
+
+    run(config) -> result
+      setup:  cache reader, the cache's tokenizer, student, layer router, AdamW, schedule, data
+      plan:   printed and saved before the first step (the numbers the seed had to debug by hand)
+      loop:   micro-batches -> accumulate -> clip -> optimizer step, or skip the step on NaN/Inf
+              eval every eval_steps (same loss function and same weights as training at that step)
+              checkpoint every save_steps (atomic; resumes exactly: weights, optimizer, schedule,
+              scaler, RNG, data position)
+      end:    final eval, student.save_pretrained + tokenizer, metrics plot, result.json
+
+Why a hand-written loop and not transformers.Trainer: the requirements here are a NaN policy that
+skips *and names* the batch and aborts after N in a row, a data position that resumes at the exact
+sample for any number of ranks and workers, loaders that change which arrays they read with the
+curriculum phase, and checkpoints loaded without pickle. Trainer covers each only partly (its resume
+replays the sampler, its NaN handling zeroes the loss); bending it would hide the loop this file shows.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import resource
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model, save_model
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from sad_pipe.errors import ConfigError, ModelError, TrainingError
+from sad_pipe.pipeline import distributed
+from sad_pipe.pipeline.config import COMPONENTS, Config
+from sad_pipe.pipeline.models import (
+    build_student, load_causal_lm, load_tokenizer, resolve_device, resolve_dtype, tokenizer_fingerprint,
+)
+from sad_pipe.stages.train_student.curriculum import active_step_ranges, phase_table, step_weights
+from sad_pipe.stages.train_student.losses import (
+    TeacherTargets, balance_loss, feature_loss, relation_loss, vocab_losses,
+)
+from sad_pipe.stages.train_student.router import LayerRouter
+from sad_pipe.storage.codecs import decode_hidden, decode_topk
+from sad_pipe.storage.manifest import cache_id, hidden_name
+from sad_pipe.storage.reader import CacheDataset, CacheReader, FieldSchedule
+
+log = logging.getLogger(__name__)
+
+# Field groups each loss component reads from the cache.
+NEEDS = {"kd": {"topk", "lse"}, "ce": set(), "feature": {"hidden"}, "attention": {"hidden"}}
+
+
+# -- setup ------------------------------------------------------------------------------------------------
+
+class DistillModel(nn.Module):
+    """The trainable parts (student + router) behind one forward, so DDP sees a single module."""
+
+    def __init__(self, student: nn.Module, router: LayerRouter | None):
+        super().__init__()
+        self.student = student
+        self.router = router
+
+    @property
+    def base(self) -> nn.Module:
+        return getattr(self.student, self.student.base_model_prefix)
+
+    def forward(self, input_ids, student_layers: list[int] | None, teacher_states=None, mask=None):
+        out = self.base(input_ids=input_ids, use_cache=False, output_hidden_states=student_layers or False)
+        states = [out.hidden_states[i] for i in student_layers] if student_layers else []
+        routed = None
+        if teacher_states is not None and self.router is not None:
+            routed = self.router(states, teacher_states, mask)
+        return out.last_hidden_state, states, routed
+
+
+@dataclass
+class TrainPlan:
+    """Everything the run will do, computed before the first step."""
+
+    cache: str
+    cache_id: str
+    train_sequences: int
+    eval_sequences: int
+    world_size: int
+    batch_size: int
+    global_batch: int
+    gradient_accumulation_steps: int
+    micro_batches_per_epoch: int
+    steps_per_epoch: int
+    epochs: int
+    total_steps: int
+    warmup_steps: int
+    warmup_percent: float
+    tokens_per_step: int
+    precision: str
+    device: str
+    kd_form: str
+    temperature: float
+    kd_top_k: int | None
+    student_parameters: int
+    student_layers: list[int]
+    teacher_layers: list[int]
+    phases: list[dict]
+    arrays_read: dict[str, list[list[int]]]
+    teacher_eval_ce: float | None
+    teacher_eval_perplexity: float | None
+
+    def lines(self) -> list[str]:
+        out = [
+            f"cache {self.cache} (id {self.cache_id}): {self.train_sequences} train / {self.eval_sequences} eval sequences",
+            f"micro-batches per epoch: {self.micro_batches_per_epoch} (batch {self.batch_size} x {self.world_size} ranks = "
+            f"{self.global_batch} sequences)",
+            f"gradient accumulation: {self.gradient_accumulation_steps} -> {self.steps_per_epoch} optimizer steps per epoch, "
+            f"{self.total_steps} in total over {self.epochs} epoch(s), {self.tokens_per_step:,} tokens per step",
+            f"warm-up: {self.warmup_steps} optimizer steps ({self.warmup_percent:.1f}%)",
+            f"precision {self.precision} on {self.device}; student {self.student_parameters:,} parameters; "
+            f"KD {self.kd_form} at T={self.temperature:g}" + (f", top-{self.kd_top_k}" if self.kd_top_k else ""),
+        ]
+        for p in self.phases:
+            w0 = p.get("weights_start", p.get("weights"))
+            w1 = p.get("weights_end", w0)
+            fmt = lambda w: " ".join(f"{c}={w[c]:.3g}" for c in COMPONENTS)  # noqa: E731
+            ramp = "" if w0 == w1 else f" -> {fmt(w1)}"
+            out.append(f"phase {p['phase']}: steps {p['steps'][0]}..{p['steps'][1] - 1}: {fmt(w0)}{ramp}")
+        for group, ranges in self.arrays_read.items():
+            spans = ", ".join(f"{a}..{b - 1}" for a, b in ranges) or "never"
+            out.append(f"reads {group}: steps {spans}")
+        if self.teacher_eval_ce is not None:
+            out.append(f"teacher on the eval split (from the cache): CE {self.teacher_eval_ce:.4f}, "
+                       f"perplexity {self.teacher_eval_perplexity:.2f}; the student chases this")
+        return out
+
+
+@dataclass
+class Setup:
+    cfg: Config
+    reader: CacheReader
+    tokenizer: object
+    model: nn.Module  # DistillModel, maybe DDP-wrapped
+    core: DistillModel
+    teacher: nn.Module | None
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    scaler: torch.amp.GradScaler | None
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    plan: TrainPlan
+    train_set: CacheDataset
+    student_layers: list[int]
+    temperature_index: int | None
+    student_vocab: int
+
+
+def _precision(name: str, device: torch.device) -> tuple[str, torch.dtype | None]:
+    if name == "auto":
+        if device.type != "cuda":
+            return "fp32", None
+        name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if name != "fp32" and device.type != "cuda":
+        raise ConfigError(f"train.precision {name}: mixed precision needs a GPU here; use fp32 (or auto) on CPU")
+    return name, {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def _student_layers(cfg: Config, reader: CacheReader, n_student: int) -> list[int]:
+    teacher_layers = reader.layers
+    if cfg.loss.student_layers is not None:
+        layers = list(cfg.loss.student_layers)
+    else:  # same relative depth as each cached teacher layer
+        n_teacher = reader.identity["teacher"]["num_layers"]
+        layers = [round(t / n_teacher * n_student) for t in teacher_layers]
+    bad = [i for i in layers if not 0 <= i <= n_student]
+    if bad:
+        raise ConfigError(f"loss.student_layers {bad}: out of range; the student has hidden states 0..{n_student}")
+    if not cfg.loss.feature_router and len(layers) != len(teacher_layers):
+        raise ConfigError(f"loss.student_layers has {len(layers)} layers but the cache holds {len(teacher_layers)} "
+                          "teacher layers; a fixed layer map (feature_router false) pairs them one to one")
+    return layers
+
+
+def _check_cache_fits(cfg: Config, reader: CacheReader, total_steps: int) -> None:
+    """Refuse, before any work, a run that asks the cache for what it does not hold."""
+    problems = []
+    ranges = active_step_ranges(cfg.curriculum, total_steps)
+    uses = {c for c, r in ranges.items() if r}
+    if "kd" in uses and cfg.loss.kd_form != "full":
+        if not reader.has_teacher:
+            problems.append("curriculum: kd has non-zero weight but the cache holds no teacher arrays "
+                            "(tokens only); set the kd weights to 0 for CE-only training")
+        else:
+            if cfg.loss.kd_form == "tail" and cfg.loss.temperature not in reader.temperatures:
+                problems.append(f"loss.temperature {cfg.loss.temperature:g}: the tail form needs the teacher's "
+                                f"logsumexp at T, and the cache holds it only for T in {reader.temperatures}")
+            if cfg.loss.kd_top_k is not None and cfg.loss.kd_top_k > reader.scheme.k:
+                problems.append(f"loss.kd_top_k {cfg.loss.kd_top_k}: the cache holds only the top {reader.scheme.k}")
+    if uses & {"feature", "attention"} and not reader.layers:
+        problems.append("curriculum: feature/attention have non-zero weight but the cache holds no hidden states "
+                        "(build it with teacher.layers set, or set those weights to 0)")
+    if reader.sequences("train") == 0:
+        problems.append(f"cache {reader.url}: the train split is empty")
+    if problems:
+        raise ConfigError(problems)
+
+
+def _load_student(cfg: Config, tokenizer) -> nn.Module:
+    if cfg.student.model is None and cfg.student.config is None:
+        raise ConfigError("student: set student.model (pretrained path or hub id) or student.config (fresh model)")
+    student = build_student(cfg.student.config, cfg.student.model, vocab_size=len(tokenizer),
+                            revision=cfg.student.revision, trust_remote_code=cfg.student.trust_remote_code)
+    if cfg.student.model is not None:
+        try:
+            own = load_tokenizer(cfg.student.model, cfg.student.revision, cfg.student.trust_remote_code)
+        except ModelError:
+            own = None  # no tokenizer shipped with the student: it uses the cache's
+        if own is not None and tokenizer_fingerprint(own) != tokenizer_fingerprint(tokenizer):
+            raise ModelError(f"student {cfg.student.model!r} uses a different tokenizer than the cache's teacher "
+                             f"({len(own)} vs {len(tokenizer)} tokens, different vocabulary or merges); "
+                             "a student must share the teacher's tokenizer for its logits to mean the same tokens")
+    vocab = student.get_output_embeddings().weight.shape[0]
+    if vocab < len(tokenizer):
+        raise ModelError(f"student has {vocab} logits but the tokenizer has {len(tokenizer)} tokens; "
+                         "its embedding table must cover the tokenizer (a larger, padded table is fine)")
+    for key in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
+        if getattr(student.config, key, None) not in (None, 1.0):
+            raise ModelError(f"student config sets {key}: sad-pipe computes logits as the LM head's output and would ignore it")
+    return student
+
+
+def _optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.train.learning_rate, betas=(0.9, 0.95), eps=1e-8)
+
+
+def _field_schedule(cfg: Config, total_steps: int, mb_per_epoch: int, steps_per_epoch: int) -> tuple[FieldSchedule, dict]:
+    """Which arrays micro-batch m reads: a group is read only on steps where a loss needing it has weight > 0."""
+    accum = cfg.train.gradient_accumulation_steps
+    ranges = active_step_ranges(cfg.curriculum, total_steps)
+    by_group: dict[str, list[tuple[int, int]]] = {}
+    for component, spans in ranges.items():
+        if component == "kd" and cfg.loss.kd_form == "full":
+            continue  # online teacher: nothing from the cache but tokens
+        for group in NEEDS[component]:
+            by_group.setdefault(group, []).extend(spans)
+
+    def first_micro_batch(step: int) -> int:
+        epoch, within = divmod(step, steps_per_epoch)
+        return epoch * mb_per_epoch + min(within * accum, mb_per_epoch)
+
+    extra = {}
+    for group, spans in by_group.items():
+        merged = sorted(set(spans))
+        extra[group] = [(first_micro_batch(a), first_micro_batch(b)) for a, b in merged]
+    return FieldSchedule(always={"input_ids"}, extra=extra), {g: [list(s) for s in sorted(set(v))] for g, v in by_group.items()}
+
+
+def setup(cfg: Config) -> Setup:
+    cfg.require("cache.path", "train.output")
+    reader = CacheReader(cfg.cache.path)
+    tokenizer = load_tokenizer(reader.cache.path("tokenizer"))
+    if tokenizer_fingerprint(tokenizer) != reader.identity["tokenizer"]["sha256"]:
+        raise ModelError(f"{cfg.cache.path}/tokenizer does not match the fingerprint in the manifest; the cache is damaged")
+    device = resolve_device(cfg.train.device)
+    precision, autocast_dtype = _precision(cfg.train.precision, device)
+    rank, world = distributed.rank(), distributed.world_size()
+
+    torch.manual_seed(cfg.train.seed)  # same init for every method of a comparison
+    student = _load_student(cfg, tokenizer)
+    n_student = int(student.config.get_text_config().num_hidden_layers)
+    if cfg.train.use_gradient_checkpointing:
+        student.gradient_checkpointing_enable()
+    global_batch = cfg.train.batch_size * world
+    mb_per_epoch = reader.sequences("train") // global_batch
+    if mb_per_epoch == 0:
+        raise ConfigError(f"train.batch_size {cfg.train.batch_size} x {world} ranks = {global_batch} sequences per "
+                          f"micro-batch, but the cache has only {reader.sequences('train')} training sequences")
+    accum = cfg.train.gradient_accumulation_steps
+    steps_per_epoch = math.ceil(mb_per_epoch / accum)
+    total = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
+    epochs = math.ceil(total / steps_per_epoch)
+    if cfg.train.warmup_steps >= total:
+        raise ConfigError(f"train.warmup_steps {cfg.train.warmup_steps}: must be below the {total} optimizer steps planned")
+    _check_cache_fits(cfg, reader, total)
+
+    uses_hidden = any(active_step_ranges(cfg.curriculum, total)[c] for c in ("feature", "attention"))
+    student_layers = _student_layers(cfg, reader, n_student) if uses_hidden else []
+    router = None
+    if uses_hidden:
+        t_width = reader.identity["teacher"]["hidden_size"]
+        s_width = int(student.config.get_text_config().hidden_size)
+        if not cfg.loss.feature_projection and s_width != t_width:
+            raise ConfigError(f"loss.feature_projection false needs equal widths: student {s_width}, teacher {t_width}; "
+                              "turn the projection on or pick a student of the teacher's width")
+        n_t = len(reader.layers)
+        fixed = [min(range(n_t), key=lambda j: abs(reader.layers[j] / reader.identity["teacher"]["num_layers"] - s / n_student))
+                 for s in student_layers]
+        router = LayerRouter(s_width, t_width, len(student_layers), n_t, learned=cfg.loss.feature_router,
+                             project=cfg.loss.feature_projection, fixed_map=fixed)
+    core = DistillModel(student, router).to(device)
+    model = core
+    if distributed.active():
+        model = nn.parallel.DistributedDataParallel(core, find_unused_parameters=router is not None)
+
+    teacher = None
+    if cfg.loss.kd_form == "full" and any(active_step_ranges(cfg.curriculum, total)["kd"]):
+        name = cfg.teacher.model or reader.identity["teacher"] and reader.identity["teacher"]["model"]
+        if not name:
+            raise ConfigError("loss.kd_form full needs a teacher: set teacher.model (the cache has none)")
+        teacher = load_causal_lm(name, revision=cfg.teacher.revision, dtype=resolve_dtype(cfg.teacher.dtype, device),
+                                 device=device, trust_remote_code=cfg.teacher.trust_remote_code, what="teacher")
+        teacher.eval().requires_grad_(False)
+        if tokenizer_fingerprint(load_tokenizer(name, cfg.teacher.revision, cfg.teacher.trust_remote_code)) != \
+                reader.identity["tokenizer"]["sha256"]:
+            raise ModelError(f"online teacher {name!r} uses a different tokenizer than the cache")
+
+    optimizer = _optimizer(model, cfg)
+    from transformers import get_scheduler
+
+    scheduler = get_scheduler(cfg.train.lr_schedule if cfg.train.lr_schedule != "constant" else "constant_with_warmup",
+                              optimizer, num_warmup_steps=cfg.train.warmup_steps, num_training_steps=total)
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    schedule, arrays_read = _field_schedule(cfg, total, mb_per_epoch, steps_per_epoch)
+    train_set = CacheDataset(cfg.cache.path, "train", cfg.train.batch_size, schedule, seed=cfg.train.seed,
+                             buffer_chunks=cfg.train.shuffle_buffer_chunks, rank=rank, world_size=world)
+    summary = reader.manifest.get("summary", {})
+    teacher_ce = summary.get("teacher_eval_ce")
+    plan = TrainPlan(
+        cache=cfg.cache.path, cache_id=cache_id(reader.identity), train_sequences=reader.sequences("train"),
+        eval_sequences=reader.sequences("eval"), world_size=world, batch_size=cfg.train.batch_size,
+        global_batch=global_batch, gradient_accumulation_steps=accum, micro_batches_per_epoch=mb_per_epoch,
+        steps_per_epoch=steps_per_epoch, epochs=epochs, total_steps=total, warmup_steps=cfg.train.warmup_steps,
+        warmup_percent=100.0 * cfg.train.warmup_steps / total, tokens_per_step=global_batch * accum * reader.max_length,
+        precision=precision, device=str(device), kd_form=cfg.loss.kd_form, temperature=cfg.loss.temperature,
+        kd_top_k=cfg.loss.kd_top_k, student_parameters=sum(p.numel() for p in student.parameters()),
+        student_layers=student_layers, teacher_layers=reader.layers, phases=phase_table(cfg.curriculum, total),
+        arrays_read=arrays_read, teacher_eval_ce=teacher_ce,
+        teacher_eval_perplexity=math.exp(teacher_ce) if teacher_ce is not None else None,
+    )
+    t_index = reader.temperatures.index(cfg.loss.temperature) if cfg.loss.temperature in reader.temperatures else None
+    return Setup(cfg, reader, tokenizer, model, core, teacher, device, autocast_dtype, scaler, optimizer, scheduler,
+                 plan, train_set, student_layers, t_index, student.get_output_embeddings().weight.shape[0])
+
+
+# -- one batch: the loss every caller (train and eval) shares -----------------------------------------------
+
+def batch_losses(s: Setup, batch: dict[str, torch.Tensor], weights: dict[str, float], model: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """Raw components (only those with weight > 0, plus CE and KD agreement as metrics) and the weighted total.
+
+    `model` defaults to the (maybe DDP-wrapped) training model; eval passes the bare one."""
+    cfg, dev = s.cfg, s.device
+    ids = batch["input_ids"].to(dev, non_blocking=True).long()
+    b, t = ids.shape
+    labels = torch.cat([ids[:, 1:], torch.full((b, 1), -1, device=dev, dtype=ids.dtype)], dim=1)
+    kd_mask = torch.ones(b, t, device=dev)
+    if cfg.loss.mask_document_edges:  # do not learn "what follows EOS" across unrelated documents
+        kd_mask = kd_mask * (ids != s.reader.identity["tokenizer"]["eos_token_id"]).float()
+    ce_mask = kd_mask * (labels >= 0).float()
+    want = {c for c in COMPONENTS if weights[c] > 0}
+    need_hidden = bool(want & {"feature", "attention"})
+
+    teacher_states = None
+    if need_hidden:
+        teacher_states = [decode_hidden(batch[hidden_name(l)].to(dev), batch.get(hidden_name(l) + "_scale"),
+                                        s.reader.identity["hidden_dtype"]) for l in s.reader.layers]
+        teacher_states = [h if h.device == dev else h.to(dev) for h in teacher_states]
+    autocast = torch.autocast(dev.type, dtype=s.autocast_dtype) if s.autocast_dtype else nullcontext()
+    with autocast:
+        last, states, routed = (model or s.model)(ids, s.student_layers if need_hidden else None,
+                                       teacher_states if "feature" in want else None, kd_mask)
+
+    targets = None
+    if "kd" in want or ("topk" in batch or "topk_ids" in batch):
+        if cfg.loss.kd_form == "full" and s.teacher is not None and "kd" in want:
+            with torch.no_grad():
+                full = s.teacher(input_ids=ids, use_cache=False).logits.reshape(b * t, -1)
+            targets = TeacherTargets(full_logits=full[:, :s.student_vocab] if full.shape[1] >= s.student_vocab else full)
+        elif "topk_ids" in batch:
+            top = decode_topk({k: batch[k].to(dev, non_blocking=True) for k in ("topk_ids", "topk_values", "topk_max", "topk_step") if k in batch},
+                              s.reader.scheme, cfg.loss.kd_top_k)
+            ids_k = top.ids.reshape(b * t, -1)
+            valid = ids_k < s.student_vocab  # padded teacher vocab: ids the student has no logit for
+            lse = batch["lse"].to(dev)[..., s.temperature_index].reshape(-1) if "lse" in batch and s.temperature_index is not None else None
+            targets = TeacherTargets(ids=ids_k.clamp_max(s.student_vocab - 1), logits=top.logits.reshape(b * t, -1), lse=lse, valid=valid)
+    head = s.core.student.get_output_embeddings()
+    out = vocab_losses(last.reshape(b * t, -1), head.weight, head.bias, labels.reshape(-1), ce_mask.reshape(-1),
+                       kd_mask.reshape(-1), targets, form=cfg.loss.kd_form, temperature=cfg.loss.temperature,
+                       chunk_tokens=cfg.loss.chunk_tokens)
+    if "kd" not in want:
+        out.pop("kd", None)
+    if "feature" in want:
+        projected, target_states, routing = routed
+        out["feature"] = sum(feature_loss(p, tgt, kd_mask) for p, tgt in zip(projected, target_states)) / len(projected)
+        out["router_balance"] = balance_loss(routing)
+    if "attention" in want:
+        pairs = s.core.router.fixed_map.tolist() if s.core.router is not None else range(len(states))
+        out["attention"] = sum(relation_loss(h, teacher_states[j], kd_mask) for h, j in zip(states, pairs)) / len(states)
+    total = sum(weights[c] * out[c] for c in want)
+    if "router_balance" in out:
+        total = total + weights["feature"] * cfg.loss.router_balance_weight * out["router_balance"]
+    out["total"] = total
+    return out
+
+
+# -- checkpoints --------------------------------------------------------------------------------------------
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, t in enumerate(torch.cuda.get_rng_state_all()):
+            state[f"cuda{i}"] = t
+    return state
+
+
+def save_checkpoint(s: Setup, run_dir: Path, state: dict) -> Path:
+    """Write everything to a temp dir, fsync, mark COMPLETE, rename: a crash leaves the old ones valid."""
+    ckpt_root = run_dir / "checkpoints"
+    final = ckpt_root / f"step-{state['step']:08d}"
+    tmp = ckpt_root / f".tmp-step-{state['step']:08d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_model(s.core, str(tmp / "model.safetensors"))
+    torch.save(s.optimizer.state_dict(), tmp / "optimizer.pt")  # tensors + numbers: loaded with weights_only=True
+    torch.save(_rng_state(), tmp / "rng.pt")
+    extra = {"scheduler": s.scheduler.state_dict(), "scaler": s.scaler.state_dict() if s.scaler else None}
+    (tmp / "state.json").write_text(json.dumps({**state, **extra}, indent=1, default=float))
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    (tmp / "COMPLETE").write_text("ok\n")
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    complete = sorted(p for p in ckpt_root.glob("step-*") if (p / "COMPLETE").exists())
+    for old in complete[:-s.cfg.train.keep_checkpoints]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    complete = sorted(p for p in (run_dir / "checkpoints").glob("step-*") if (p / "COMPLETE").exists())
+    return complete[-1] if complete else None
+
+
+def load_checkpoint(s: Setup, path: Path) -> dict:
+    load_model(s.core, str(path / "model.safetensors"), device=str(s.device))
+    s.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location=s.device))
+    state = json.loads((path / "state.json").read_text())
+    s.scheduler.load_state_dict(state.pop("scheduler"))
+    scaler_state = state.pop("scaler")
+    if s.scaler is not None and scaler_state:
+        s.scaler.load_state_dict(scaler_state)
+    rng = torch.load(path / "rng.pt", weights_only=True)
+    torch.set_rng_state(rng["cpu"])
+    if torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([rng[k] for k in sorted(rng) if k.startswith("cuda")])
+    return state
+
+
+# Changing these between a run and its resume would silently train something else.
+RESUME_KEYS = ("cache_id", "global_batch", "gradient_accumulation_steps", "total_steps", "kd_form", "temperature")
+
+
+def _check_resume(run_dir: Path, plan: TrainPlan) -> None:
+    saved_path = run_dir / "plan.json"
+    if not saved_path.exists():
+        return
+    saved = json.loads(saved_path.read_text())
+    changed = [f"{k} was {saved.get(k)!r}, now {getattr(plan, k)!r}" for k in RESUME_KEYS if saved.get(k) != getattr(plan, k)]
+    if changed:
+        raise ConfigError(f"cannot resume the run in {run_dir}: " + "; ".join(changed) +
+                          " (use a new train.output, or train.resume false with an empty directory)")
+
+
+# -- eval -----------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(s: Setup, step: int) -> dict[str, float]:
+    """Eval split, with the weights of training step `step`: comparable to the train loss at that step."""
+    if s.reader.sequences("eval") == 0:
+        return {}
+    weights = step_weights(min(step, s.plan.total_steps - 1), s.plan.total_steps, s.cfg.curriculum)
+    groups = {"input_ids"}
+    for c in COMPONENTS:
+        if weights[c] > 0 and not (c == "kd" and s.cfg.loss.kd_form == "full"):
+            groups |= NEEDS[c]
+    if s.reader.has_teacher:
+        groups |= {"topk"}
+    data = CacheDataset(s.cfg.cache.path, "eval", s.cfg.train.batch_size, FieldSchedule(always=groups), shuffle=False,
+                        drop_last=False, limit=s.cfg.train.eval_max_sequences, rank=distributed.rank(),
+                        world_size=distributed.world_size())
+    s.model.eval()
+    sums: dict[str, float] = {}
+    seen = 0
+    for batch in DataLoader(data, batch_size=None, num_workers=0):
+        n = batch["input_ids"].shape[0]
+        if n == 0:
+            continue
+        out = batch_losses(s, batch, weights, model=s.core)  # no DDP: ranks may see different batch counts
+        for k, v in out.items():
+            sums[k] = sums.get(k, 0.0) + float(v) * n
+        seen += n
+    s.model.train()
+    keys = sorted(sums)
+    totals = distributed.sum_figures({**{k: sums[k] for k in keys}, "_seen": seen})
+    seen = totals.pop("_seen")
+    result = {f"eval/{k}": v / max(seen, 1) for k, v in totals.items()}
+    if "eval/ce" in result:
+        result["eval/perplexity"] = math.exp(min(result["eval/ce"], 50.0))
+    return result
+
+
+# -- the loop -------------------------------------------------------------------------------------------------
+
+@dataclass
+class LoopState:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    next_micro_batch: int = 0  # data position within `epoch`
+    skipped_steps: int = 0
+    consecutive_nonfinite: int = 0
+    tokens: int = 0
+    train_seconds: float = 0.0
+    skipped: list = field(default_factory=list)  # [{"step", "sequence_ids"}] for the last few skips
+
+
+def _metrics_writer(run_dir: Path, resume_step: int):
+    """metrics.jsonl, with lines past the resumed checkpoint dropped so the trace equals an uninterrupted run."""
+    path = run_dir / "metrics.jsonl"
+    if path.exists():
+        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= resume_step]
+        path.write_text("".join(line + "\n" for line in keep))
+    return open(path, "a", buffering=1)
+
+
+def _is_main() -> bool:
+    return distributed.rank() == 0
+
+
+def _any(flag: bool) -> bool:
+    """True on every rank if it is true on any (skip decisions must agree across ranks)."""
+    return bool(distributed.sum_figures({"f": float(flag)})["f"] > 0) if distributed.active() else flag
+
+
+def run(cfg: Config) -> dict:
+    """Stage two. Returns the final eval metrics and the run's figures (also saved as result.json)."""
+    wall_start = time.perf_counter()
+    s = setup(cfg)
+    run_dir = Path(cfg.train.output)
+    resume_from = latest_checkpoint(run_dir) if run_dir.exists() else None
+    if resume_from is None and run_dir.exists() and (run_dir / "final").exists():
+        raise ConfigError(f"train.output {run_dir}: holds a finished run; choose another directory or delete it")
+    if resume_from is not None and not cfg.train.resume:
+        raise ConfigError(f"train.output {run_dir}: holds checkpoints but train.resume is false; "
+                          "choose another directory or delete it")
+    state = LoopState()
+    if resume_from is not None:
+        _check_resume(run_dir, s.plan)
+        saved = load_checkpoint(s, resume_from)
+        state = LoopState(**{k: saved[k] for k in asdict(LoopState()) if k in saved})
+        log.info("resuming from %s (step %d of %d)", resume_from, state.step, s.plan.total_steps)
+    if _is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(run_dir / "config.json")
+        (run_dir / "plan.json").write_text(json.dumps(asdict(s.plan), indent=1) + "\n")
+        for line in s.plan.lines():
+            log.info("plan: %s", line)
+    metrics = _metrics_writer(run_dir, state.step) if _is_main() else None
+    try:
+        _train(s, state, run_dir, metrics)
+        final_eval = evaluate(s, s.plan.total_steps)
+    finally:
+        if metrics:
+            metrics.close()
+    result = {
+        "run": str(run_dir), "cache_id": s.plan.cache_id, "steps": state.step, "skipped_steps": state.skipped_steps,
+        "train_seconds": state.train_seconds, "wall_seconds": time.perf_counter() - wall_start,
+        "tokens_per_second": state.tokens / state.train_seconds if state.train_seconds else None,
+        "peak_memory_bytes": _peak_memory(s.device), "student_parameters": s.plan.student_parameters, **final_eval,
+    }
+    if s.plan.teacher_eval_ce is not None:
+        result["teacher/eval_ce"] = s.plan.teacher_eval_ce
+    if _is_main():
+        with open(run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": state.step, "split": "eval", "final": True, **final_eval}) + "\n")
+        final = run_dir / "final"
+        s.core.student.save_pretrained(final)
+        s.tokenizer.save_pretrained(final)
+        if s.core.router is not None:
+            save_model(s.core.router, str(final / "router.safetensors"))
+        from sad_pipe.stages.train_student.plots import plot_metrics
+
+        plot_metrics(run_dir / "metrics.jsonl", run_dir / "plots")
+        (run_dir / "result.json").write_text(json.dumps(result, indent=1) + "\n")
+    distributed.barrier()
+    return result
+
+
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def _train(s: Setup, state: LoopState, run_dir: Path, metrics) -> None:
+    cfg, plan = s.cfg, s.plan
+    accum, mb_per_epoch = plan.gradient_accumulation_steps, plan.micro_batches_per_epoch
+    s.model.train()
+    bar = tqdm(total=plan.total_steps, initial=state.step, desc="train", unit=" step", dynamic_ncols=True,
+               disable=not _is_main())
+    tokens_per_micro = plan.global_batch * s.reader.max_length
+    while state.step < plan.total_steps:
+        s.train_set.set_position(state.epoch, state.next_micro_batch)
+        loader = DataLoader(s.train_set, batch_size=None, num_workers=cfg.train.num_workers,
+                            pin_memory=s.device.type == "cuda", persistent_workers=False)
+        sums: dict[str, float] = {}
+        bad, bad_ids, micro_in_step = False, [], 0
+        step_start = time.perf_counter()
+        for batch in loader:
+            b = int(batch["micro_batch"])
+            group_start = b // accum * accum
+            group_size = min(accum, mb_per_epoch - group_start)
+            weights = step_weights(state.step, plan.total_steps, cfg.curriculum)
+            last_of_step = b + 1 == group_start + group_size
+            sync = nullcontext() if last_of_step or not distributed.active() else s.model.no_sync()
+            with sync:
+                out = batch_losses(s, batch, weights)
+                loss = out["total"] / group_size
+                if torch.isfinite(loss):
+                    (s.scaler.scale(loss) if s.scaler else loss).backward()
+                else:
+                    bad = True
+                    bad_ids += batch["sequence_ids"].tolist()
+            for k, v in out.items():
+                sums[k] = sums.get(k, 0.0) + float(v) / group_size
+            micro_in_step += 1
+            if not last_of_step:
+                continue
+            # -- optimizer step boundary --
+            bad = _any(bad)
+            grad_norm = None
+            stepped = False
+            if not bad:
+                if s.scaler:
+                    s.scaler.unscale_(s.optimizer)
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(s.model.parameters(), cfg.train.max_grad_norm))
+                if s.scaler:
+                    scale = s.scaler.get_scale()
+                    s.scaler.step(s.optimizer)  # skips by itself on inf/nan grads and lowers the scale
+                    s.scaler.update()
+                    stepped = s.scaler.get_scale() >= scale
+                elif math.isfinite(grad_norm):
+                    s.optimizer.step()
+                    stepped = True
+                else:
+                    bad = True
+            s.optimizer.zero_grad(set_to_none=True)
+            lr = s.optimizer.param_groups[0]["lr"]
+            with _quiet_scheduler_warning():
+                s.scheduler.step()
+            state.step += 1
+            state.tokens += tokens_per_micro * micro_in_step
+            if bad:
+                state.skipped_steps += 1
+                state.consecutive_nonfinite += 1
+                state.skipped = (state.skipped + [{"step": state.step, "sequence_ids": bad_ids[:64]}])[-10:]
+                log.warning("step %d: non-finite loss or gradient; step skipped (weights unchanged), sequences %s",
+                            state.step, bad_ids[:16])
+                if state.consecutive_nonfinite >= cfg.train.max_consecutive_nan:
+                    raise TrainingError(
+                        f"{state.consecutive_nonfinite} optimizer steps in a row had a non-finite loss or gradient "
+                        f"(last at step {state.step}, sequences {bad_ids[:16]}); stopping. "
+                        "Lower train.learning_rate or loss.temperature, or check the cache with sad-pipe verify --full"
+                    )
+            elif stepped or s.scaler is None:
+                state.consecutive_nonfinite = 0
+            b_next = b + 1
+            state.epoch, state.next_micro_batch = (state.epoch + 1, 0) if b_next >= mb_per_epoch else (state.epoch, b_next)
+            elapsed = time.perf_counter() - step_start
+            state.train_seconds += elapsed
+            record = {"step": state.step, "epoch": state.epoch, "progress": state.step / plan.total_steps, "lr": lr,
+                      "grad_norm": grad_norm, "tokens_per_second": tokens_per_micro * micro_in_step / max(elapsed, 1e-9),
+                      "skipped_steps": state.skipped_steps, "nonfinite": bad,
+                      **{f"weight/{c}": weights[c] for c in COMPONENTS}}
+            record.update({f"loss/{k}": v for k, v in sums.items()})
+            record.update({f"weighted/{c}": weights[c] * sums[c] for c in COMPONENTS if c in sums and weights[c] > 0})
+            record = _reduce(record)  # a collective: every rank calls it
+            if metrics and state.step % cfg.train.log_steps == 0:
+                metrics.write(json.dumps(record) + "\n")
+            bar.update(1)
+            bar.set_postfix_str(f"loss={sums.get('total', float('nan')):.4f} lr={lr:.3g} "
+                                f"tok/s={record['tokens_per_second']:,.0f}" + (f" skipped={state.skipped_steps}" if state.skipped_steps else ""))
+            if cfg.train.eval_steps and state.step % cfg.train.eval_steps == 0 and state.step < plan.total_steps:
+                ev = evaluate(s, state.step)
+                if metrics and ev:
+                    metrics.write(json.dumps({"step": state.step, "split": "eval", **ev}) + "\n")
+                    log.info("eval at step %d: %s", state.step, ", ".join(f"{k[5:]}={v:.4f}" for k, v in ev.items()))
+            if _is_main() and ((cfg.train.save_steps and state.step % cfg.train.save_steps == 0) or state.step == plan.total_steps):
+                save_checkpoint(s, run_dir, asdict(state))
+            distributed.barrier()
+            sums, bad, bad_ids, micro_in_step = {}, False, [], 0
+            step_start = time.perf_counter()
+            if state.step >= plan.total_steps:
+                break
+    bar.close()
+
+
+def _reduce(record: dict) -> dict:
+    """Average the per-rank loss figures so rank 0's metrics describe the global batch."""
+    if not distributed.active():
+        return record
+    numeric = {k: float(v) for k, v in record.items() if k.startswith(("loss/", "weighted/"))}
+    totals = distributed.sum_figures(numeric)
+    return {**record, **{k: v / distributed.world_size() for k, v in totals.items()}}
+
+
+class _quiet_scheduler_warning:
+    """A skipped step calls scheduler.step() without optimizer.step(): intended (the data was consumed and
+    the schedule counts optimizer steps), so torch's ordering warning is noise here."""
+
+    def __enter__(self):
+        import warnings
+
+        self._ctx = warnings.catch_warnings()
+        self._ctx.__enter__()
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)`")
+
+    def __exit__(self, *exc):
+        self._ctx.__exit__(*exc)

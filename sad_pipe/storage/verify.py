@@ -1,0 +1,266 @@
+"""verify (is every planned shard there, whole and sane?), gc (remove what no commit names), sizes.
+
+Quick verify: the plan's shards are all committed, each committed file exists at its recorded size,
+the manifest (if any) names exactly the committed shards. Full verify adds: sha256 of every file,
+every chunk decoded (crc32c checked by zarr), shapes and row counts, ids < vocab, values finite.
+A damaged shard is reported by name; `sad-pipe verify --repair` deletes its commit so that the next
+cache-teacher run re-creates it whole (shards are never patched in place).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from sad_pipe.errors import CacheError
+from sad_pipe.storage.fs import CacheFS
+from sad_pipe.storage.manifest import (
+    SPLITS, ArraySpec, Plan, check_format, commit_name, read_commits, read_plan,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class VerifyReport:
+    cache: str
+    full: bool
+    complete: bool = False
+    shards_checked: int = 0
+    files_checked: int = 0
+    bytes_checked: int = 0
+    problems: dict[str, list[str]] = field(default_factory=dict)  # "split/shard" or "tokens/split" or "cache" -> problems
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def add(self, where: str, problem: str) -> None:
+        self.problems.setdefault(where, []).append(problem)
+
+    def damaged_shards(self) -> list[tuple[str, int]]:
+        out = []
+        for where in self.problems:
+            split, _, shard = where.partition("/")
+            if split in SPLITS and shard.isdigit():
+                out.append((split, int(shard)))
+        return sorted(out)
+
+    def to_json(self) -> dict:
+        return {"cache": self.cache, "full": self.full, "ok": self.ok, "complete": self.complete,
+                "shards_checked": self.shards_checked, "files_checked": self.files_checked,
+                "bytes_checked": self.bytes_checked, "problems": self.problems}
+
+
+def _check_files(cache: CacheFS, rel: str, files: dict, full: bool, report: VerifyReport, where: str) -> bool:
+    from sad_pipe.storage.writer import sha256_file
+
+    try:
+        present = cache.walk_files(rel)
+    except FileNotFoundError:
+        present = {}
+    good = True
+    if not present and files:
+        report.add(where, f"{rel}: directory missing")
+        return False
+    for name, info in files.items():
+        size = present.get(name)
+        if size is None:
+            report.add(where, f"{rel}/{name}: missing")
+            good = False
+        elif size != info["size"]:
+            report.add(where, f"{rel}/{name}: {size} bytes, committed with {info['size']}")
+            good = False
+        elif full:
+            digest = sha256_file(cache, f"{rel}/{name}")
+            report.bytes_checked += size
+            if digest != info["sha256"]:
+                report.add(where, f"{rel}/{name}: sha256 mismatch (contents changed since commit)")
+                good = False
+        report.files_checked += 1
+    return good
+
+
+def _check_arrays(cache: CacheFS, rel: str, specs: list[ArraySpec], rows: int, max_length: int, vocab: int,
+                  report: VerifyReport, where: str) -> None:
+    """Decode every chunk of every array and check shape, range and finiteness."""
+    import zarr
+
+    try:
+        group = zarr.open_group(store=cache.zarr_store(rel, read_only=True), mode="r", zarr_format=3)
+    except Exception as exc:
+        report.add(where, f"{rel}: cannot open ({type(exc).__name__}: {exc})")
+        return
+    for spec in specs:
+        try:
+            arr = group[spec.name]
+            expected = (rows, max_length, *spec.per_token)
+            if tuple(arr.shape) != expected or arr.dtype != np.dtype(spec.dtype):
+                report.add(where, f"{spec.name}: {arr.dtype}{list(arr.shape)}, expected {spec.dtype}{list(expected)}")
+                continue
+            chunk = arr.chunks[0]
+            for a in range(0, rows, chunk):
+                data = arr[a:a + chunk]
+                problem = _value_problem(spec, data, vocab)
+                if problem:
+                    report.add(where, f"{spec.name} rows {a}..{a + len(data) - 1}: {problem}")
+                    break
+        except Exception as exc:
+            report.add(where, f"{spec.name}: unreadable ({type(exc).__name__}: {str(exc)[:200]})")
+
+
+def _value_problem(spec: ArraySpec, data: np.ndarray, vocab: int) -> str | None:
+    if spec.name == "topk_ids":
+        top = int(data.max(initial=0))
+        if top >= vocab:
+            return f"index {top} >= vocab size {vocab}"
+        return None
+    if spec.name.startswith("hidden_") and spec.dtype == "uint16":  # bf16 bits: exponent all ones = Inf/NaN
+        if np.any((data & 0x7F80) == 0x7F80):
+            return "non-finite hidden state"
+        return None
+    if data.dtype.kind == "f" and not np.isfinite(data).all():
+        return "non-finite values"
+    return None
+
+
+def verify(url: str, full: bool = False) -> VerifyReport:
+    cache = CacheFS(url)
+    report = VerifyReport(cache=url, full=full)
+    plan = read_plan(cache)
+    if plan is None:
+        raise CacheError(f"{url}: no plan.json; not a sad-pipe cache")
+    commits = read_commits(cache)
+    manifest = None
+    if cache.exists("manifest.json"):
+        manifest = cache.read_json("manifest.json")
+        try:
+            check_format(manifest, cache.path("manifest.json"))
+        except CacheError as exc:
+            report.add("cache", str(exc))
+    max_length = plan.identity["packing"]["max_length"]
+    vocab = (plan.identity["teacher"] or {}).get("vocab_size", plan.identity["tokenizer"]["size"])
+    for split, info in plan.tokens.items():
+        where = f"tokens/{split}"
+        if _check_files(cache, info["dir"], info["files"], full, report, where) and full:
+            _check_tokens(cache, info["dir"], info["sequences"], max_length, plan.identity["tokenizer"]["size"], vocab, report, where)
+    for split in SPLITS:
+        if split not in plan.splits:
+            continue
+        for shard, (a, b) in enumerate(plan.splits[split]["shards"]):
+            if not plan.arrays:
+                continue
+            where = f"{split}/{shard}"
+            record = commits.get((split, shard))
+            if record is None:
+                report.add(where, f"no commit record ({commit_name(split, shard)})")
+                continue
+            report.shards_checked += 1
+            if record.get("sequences") != [a, b]:
+                report.add(where, f"commit covers sequences {record.get('sequences')}, the plan says {[a, b]}")
+                continue
+            try:
+                cache.path(record["dir"])
+            except CacheError as exc:
+                report.add(where, str(exc))
+                continue
+            if manifest is not None and manifest.get("shards", {}).get(split, [None] * (shard + 1))[shard] != record["dir"]:
+                report.add(where, "manifest and commit record name different shard directories")
+            if _check_files(cache, record["dir"], record["files"], full, report, where) and full:
+                _check_arrays(cache, record["dir"], plan.arrays, b - a, max_length, vocab, report, where)
+    if manifest is not None and full:
+        _check_index(cache, plan, report)
+    report.complete = manifest is not None and not report.damaged_shards()
+    return report
+
+
+def _check_tokens(cache, rel, rows, max_length, tokenizer_size, vocab, report, where) -> None:
+    import zarr
+
+    try:
+        arr = zarr.open_array(store=cache.zarr_store(f"{rel}/input_ids", read_only=True), mode="r")
+        if tuple(arr.shape) != (rows, max_length):
+            report.add(where, f"input_ids shape {list(arr.shape)}, expected {[rows, max_length]}")
+            return
+        for a in range(0, rows, arr.chunks[0] * 64):
+            top = int(arr[a:a + arr.chunks[0] * 64].max(initial=0))
+            if top >= max(tokenizer_size, vocab):
+                report.add(where, f"token id {top} >= vocab size {max(tokenizer_size, vocab)}")
+                return
+    except Exception as exc:
+        report.add(where, f"input_ids unreadable ({type(exc).__name__}: {str(exc)[:200]})")
+
+
+def _check_index(cache: CacheFS, plan: Plan, report: VerifyReport) -> None:
+    import io
+
+    import pyarrow.parquet as pq
+
+    for split, info in plan.splits.items():
+        try:
+            table = pq.read_table(io.BytesIO(cache.read_bytes(f"index/{split}.parquet")), page_checksum_verification=True)
+            if table.num_rows != info["sequences"]:
+                report.add("cache", f"index/{split}.parquet: {table.num_rows} rows, the plan has {info['sequences']}")
+        except Exception as exc:
+            report.add("cache", f"index/{split}.parquet: unreadable ({type(exc).__name__}: {str(exc)[:200]})")
+
+
+def drop_shards(url: str, shards: list[tuple[str, int]]) -> None:
+    """Un-commit damaged shards (and the manifest) so the next cache-teacher run re-creates them whole."""
+    cache = CacheFS(url)
+    commits = read_commits(cache)
+    cache.remove("manifest.json")
+    for split, shard in shards:
+        record = commits.get((split, shard))
+        cache.remove(commit_name(split, shard))
+        if record is not None:
+            cache.remove(record["dir"])
+
+
+def collect_garbage(cache: CacheFS) -> dict:
+    """Delete temporary files and shard/token directories that no commit or plan names.
+
+    Never run it while a cache-teacher run writes to the same cache: its work in progress is garbage too.
+    Returns {"removed": [paths], "bytes": freed}."""
+    removed, freed = [], 0
+    plan = read_plan(cache)
+    keep = {r["dir"] for r in read_commits(cache).values()}
+    if plan is not None:
+        keep |= {t["dir"] for t in plan.tokens.values()}
+    candidates = [f"_tmp/{n}" for n in cache.listdir("_tmp")]
+    for split in SPLITS:
+        candidates += [f"shards/{split}/{n}" for n in cache.listdir(f"shards/{split}")]
+    candidates += [f"tokens/{n}" for n in cache.listdir("tokens")]
+    for top in ("", "commits", "tokenizer", "index"):
+        candidates += [f"{top}/{n}".lstrip("/") for n in cache.listdir(top) if n.endswith(".partial")]
+    for rel in candidates:
+        if rel in keep:
+            continue
+        try:
+            size = sum(cache.walk_files(rel).values()) if not rel.endswith(".partial") else cache.size(rel)
+        except FileNotFoundError:
+            size = 0
+        cache.remove(rel)
+        removed.append(rel)
+        freed += size
+    if removed:
+        log.info("gc: removed %d leftovers (%d bytes)", len(removed), freed)
+    return {"removed": removed, "bytes": freed}
+
+
+def compressed_bytes_per_token(arrays: dict[str, np.ndarray], specs: list[ArraySpec], chunk_rows: int) -> dict[str, float]:
+    """Encode sample arrays [n, T, ...] exactly as a shard would and measure bytes per token."""
+    from sad_pipe.storage.writer import _write_group
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = CacheFS(tmp)
+        _write_group(cache, "sample", arrays, specs, chunk_rows)
+        sizes = cache.walk_files("sample")
+    out = {}
+    for spec in specs:
+        n_tokens = arrays[spec.name].shape[0] * arrays[spec.name].shape[1]
+        out[spec.name] = sum(v for k, v in sizes.items() if k.split("/", 1)[0] == spec.name) / n_tokens
+    return out

@@ -1,0 +1,144 @@
+"""Shared fixtures: tiny tokenizers, teachers and datasets built offline in a temp dir, once per session.
+
+Nothing here downloads: the hub is forced offline so a test that would reach for it fails fast.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sysconfig
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from sad_pipe.cli import main
+
+STDLIB = sysconfig.get_paths()["stdlib"]
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", help="run tests marked slow (full-count fuzzing etc.)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+def stdlib_documents(n: int, max_chars: int = 4000) -> list[str]:
+    files = sorted(glob.glob(os.path.join(STDLIB, "*.py")))[:n]
+    docs = []
+    for f in files:
+        with open(f, encoding="utf-8", errors="replace") as fh:
+            docs.append(fh.read()[:max_chars])
+    return docs
+
+
+def train_bpe(path: str, vocab_size: int, texts: list[str]) -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(path)
+    return path
+
+
+def word_tokenizer(path: str, vocab_size: int) -> str:
+    """A word-level tokenizer with `vocab_size` entries w0..wN (lets tests exceed 65535 ids cheaply)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<eos>": 0, "<unk>": 1, **{f"w{i}": i + 2 for i in range(vocab_size - 2)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>").save_pretrained(path)
+    return path
+
+
+def save_llama(path: str, vocab_size: int, *, layers=2, hidden=32, heads=4, kv_heads=2, tied=True, seed=0) -> str:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256,
+                      tie_word_embeddings=tied, bos_token_id=None, eos_token_id=0, pad_token_id=None)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():  # a random init is nearly uniform; spread the logits like a trained model's
+        model.lm_head.weight.mul_(8.0) if not tied else model.model.embed_tokens.weight.mul_(4.0)
+    model.save_pretrained(path)
+    return path
+
+
+def save_gpt2(path: str, vocab_size: int, *, layers=2, hidden=32, seed=0) -> str:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=vocab_size, n_embd=hidden, n_layer=layers, n_head=2, n_positions=128,
+                     bos_token_id=0, eos_token_id=0)
+    GPT2LMHeadModel(cfg).save_pretrained(path)
+    return path
+
+
+def write_jsonl(path: str, texts: list[str], field: str = "text") -> str:
+    with open(path, "w") as f:
+        for t in texts:
+            f.write(json.dumps({field: t}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory):
+    """Tokenizer + teachers + dataset shared by the suite (built once, ~seconds)."""
+    root = tmp_path_factory.mktemp("assets")
+    docs = stdlib_documents(60)
+    a = {
+        "docs": docs,
+        "tokenizer": train_bpe(str(root / "tokenizer"), 512, docs),
+        "data": write_jsonl(str(root / "docs.jsonl"), docs),
+    }
+    a["llama"] = save_llama(str(root / "llama"), 512)
+    a["gpt2"] = save_gpt2(str(root / "gpt2"), 512)
+    for name in ("llama", "gpt2"):  # the teachers ship their tokenizer, like hub models do
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(a["tokenizer"]).save_pretrained(a[name])
+    return a
+
+
+def cli(*args: str, expect: int | None = 0):
+    """Run the real CLI in-process; returns the click Result and checks the exit code."""
+    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    if expect is not None:
+        assert result.exit_code == expect, f"exit {result.exit_code}, expected {expect}:\n{result.output}"
+    return result
+
+
+def cache_config(tmp_path, assets, teacher: str | None = "llama", **sections) -> str:
+    """A cache-teacher config file for the shared assets; `sections` override whole keys."""
+    cfg = {
+        "teacher": {"model": assets[teacher] if teacher else None, "batch_size": 4, "layers": [1, 2]},
+        "data": {"path": assets["data"], "max_length": 64, "eval_fraction": 0.1,
+                 **({} if teacher else {"tokenizer": assets["tokenizer"]})},
+        "cache": {"path": str(tmp_path / "cache"), "top_k": 32, "sequences_per_shard": 32, "sequences_per_chunk": 8},
+    }
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    path = tmp_path / "cache.json"
+    path.write_text(json.dumps(cfg))
+    return str(path)
