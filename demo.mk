@@ -1,5 +1,55 @@
-# The demo chain (`make all`); each step is a file target, so a second `make all` only prints the report.
-all: install
-	@echo "demo: not wired yet"
+# The demo chain behind `make all`. Every step is a file target, so a second `make all` only prints
+# the report, and an interrupted step resumes (caches and training runs pick up where they stopped).
+# Each step is a plain sad-pipe command with a config from $(CONFIGS)/.
+
+# DEMO and the configs' paths agree (runs/demo); the knobs below let tests run the same chain in miniature.
+DEMO := runs/demo
+CONFIGS ?= configs/demo
+CORPUS_MB ?= 8
+VOCAB ?= 8192
+SMALL_METHODS ?= ce full subset tail curriculum
+MEDIUM_METHODS ?= ce tail curriculum
+SEEDS ?= 3
+STUDENT_RUNS := $(foreach m,$(SMALL_METHODS),$(DEMO)/students/small/$(m)/result.json) \
+                $(foreach m,$(MEDIUM_METHODS),$(DEMO)/students/medium/$(m)/result.json)
+
+all: $(DEMO)/report.md
+	@echo
+	@echo "==> $(DEMO)/report.md (plots in $(DEMO)/plots/)"
+	@sed -n '/^## Students/,$$p' $(DEMO)/report.md
+
+demo: all
+
+$(DEMO)/corpus/corpus.jsonl: | $(STAMP)
+	$(SAD) demo corpus $(DEMO)/corpus --max-mb $(CORPUS_MB)
+
+$(DEMO)/tokenizer/tokenizer.json: $(DEMO)/corpus/corpus.jsonl
+	$(SAD) demo tokenizer $< $(DEMO)/tokenizer --vocab-size $(VOCAB)
+
+$(DEMO)/tokens/manifest.json: $(DEMO)/tokenizer/tokenizer.json $(CONFIGS)/tokens.json
+	$(SAD) cache-teacher --config $(CONFIGS)/tokens.json
+
+$(DEMO)/teacher/result.json: $(DEMO)/tokens/manifest.json $(CONFIGS)/teacher.json
+	$(SAD) train-student --config $(CONFIGS)/teacher.json
+
+$(DEMO)/cache/manifest.json: $(DEMO)/teacher/result.json $(CONFIGS)/cache.json
+	$(SAD) cache-teacher --config $(CONFIGS)/cache.json
+
+$(DEMO)/students/%/result.json: $(DEMO)/cache/manifest.json
+	$(SAD) train-student --config $(CONFIGS)/student-$(word 1,$(subst /, ,$*)).json \
+		--config $(CONFIGS)/methods/$(word 2,$(subst /, ,$*)).json --output $(DEMO)/students/$*
+
+$(DEMO)/report.md: $(STUDENT_RUNS)
+	$(SAD) demo report $(DEMO) > /dev/null
+
+# The method comparison over seeds (small student): paired differences with their spread.
+compare: $(DEMO)/cache/manifest.json
+	@for s in $$(seq 0 $$(($(SEEDS) - 1))); do for m in $(SMALL_METHODS); do \
+		d=$(DEMO)/compare/seed-$$s/$$m; test -f $$d/result.json && continue; \
+		$(SAD) train-student --config $(CONFIGS)/student-small.json --config $(CONFIGS)/methods/$$m.json \
+			--set train.seed=$$s --set train.eval_steps=0 --output $$d || exit 1; \
+	done; done
+	$(SAD) demo compare $(DEMO)/compare
+
 clean-demo:
-	rm -rf runs/demo
+	rm -rf $(DEMO)

@@ -10,10 +10,15 @@ import functools
 import json
 import logging
 import sys
+import time
+from pathlib import Path
 
 import click
 
 from sad_pipe.errors import ConfigError, SadPipeError
+
+
+TIMED = {"cache-teacher", "train-student", "verify", "demo", "bench"}
 
 
 class _Failure(click.ClickException):
@@ -44,7 +49,8 @@ def _config(config_path, overrides, flags: dict):
     return load_config(config_path, tuple(overrides) + tuple(extra))
 
 
-config_option = click.option("--config", "config_path", type=click.Path(dir_okay=False), help="JSON config file.")
+config_option = click.option("--config", "config_path", type=click.Path(dir_okay=False), multiple=True,
+                             help="JSON config file; repeat to layer files (later ones override earlier ones).")
 set_option = click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
                           help="Override one config value (JSON value or plain string); repeatable.")
 
@@ -64,8 +70,12 @@ def _print(obj: dict, as_json: bool) -> None:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors on stderr.")
 @click.version_option(package_name="sad-pipe")
-def main(quiet: bool) -> None:
+@click.pass_context
+def main(ctx: click.Context, quiet: bool) -> None:
     """sad-pipe: cache a teacher LLM's outputs once, then distil students from the cache."""
+    start = time.perf_counter()
+    if not quiet and ctx.invoked_subcommand in TIMED:  # `make all` reads as a list of timed stages
+        ctx.call_on_close(lambda: click.echo(f"[sad-pipe {ctx.invoked_subcommand}: {time.perf_counter() - start:.1f} s]", err=True))
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr,
                         force=True)
     for noisy in ("httpx", "urllib3", "filelock", "fsspec", "datasets", "huggingface_hub"):
@@ -170,6 +180,55 @@ def gc_cmd(cache):
 
     result = collect_garbage(CacheFS(cache))
     click.echo(f"removed {len(result['removed'])} leftovers, freed {result['bytes']:,} bytes")
+
+
+@main.group("demo")
+def demo_group():
+    """Steps of the embedded demo behind `make all` (corpus, tokenizer, report)."""
+
+
+@demo_group.command("corpus")
+@click.argument("output", type=click.Path(file_okay=False))
+@click.option("--max-mb", type=float, default=8.0, show_default=True, help="Text to take from the standard library.")
+@_reporting_errors
+def demo_corpus_cmd(output, max_mb):
+    """Write the standard library's .py source as OUTPUT/corpus.jsonl (one document per file)."""
+    from sad_pipe.demo.assets import build_corpus
+
+    _print(build_corpus(Path(output), int(max_mb * 1e6)), False)
+
+
+@demo_group.command("tokenizer")
+@click.argument("corpus", type=click.Path(dir_okay=False, exists=True))
+@click.argument("output", type=click.Path(file_okay=False))
+@click.option("--vocab-size", type=int, default=8192, show_default=True)
+@_reporting_errors
+def demo_tokenizer_cmd(corpus, output, vocab_size):
+    """Train a byte-level BPE tokenizer on CORPUS (jsonl) and save it as an HF tokenizer in OUTPUT."""
+    from sad_pipe.demo.assets import read_corpus, train_bpe_tokenizer
+
+    train_bpe_tokenizer(read_corpus(Path(corpus)), vocab_size, Path(output))
+    click.echo(f"tokenizer with {vocab_size} tokens saved to {output}")
+
+
+@demo_group.command("report")
+@click.argument("demo_dir", type=click.Path(file_okay=False, exists=True))
+@_reporting_errors
+def demo_report_cmd(demo_dir):
+    """Write DEMO_DIR/report.md and plots from the runs' own result files, and print it."""
+    from sad_pipe.demo.report import build_report
+
+    click.echo(build_report(Path(demo_dir)))
+
+
+@demo_group.command("compare")
+@click.argument("root", type=click.Path(file_okay=False, exists=True))
+@_reporting_errors
+def demo_compare_cmd(root):
+    """Paired method differences over seeds: ROOT/seed-*/<method>/result.json -> ROOT/compare.md."""
+    from sad_pipe.demo.report import build_comparison
+
+    click.echo(build_comparison(Path(root)))
 
 
 @main.command("config-reference", hidden=True)

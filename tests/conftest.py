@@ -46,17 +46,9 @@ def stdlib_documents(n: int, max_chars: int = 4000) -> list[str]:
 
 
 def train_bpe(path: str, vocab_size: int, texts: list[str]) -> str:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from sad_pipe.demo.assets import train_bpe_tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(texts, trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(path)
-    return path
+    return train_bpe_tokenizer(texts, vocab_size, path)
 
 
 def word_tokenizer(path: str, vocab_size: int) -> str:

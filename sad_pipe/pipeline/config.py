@@ -235,6 +235,8 @@ class CurriculumConfig(Section):
 
 
 class Config(Section):
+    about: str | None = None
+    """Free text for people: what this config is for and the command that runs it. Ignored by sad-pipe."""
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
@@ -332,20 +334,38 @@ def validate(raw: dict, source: str | None = None) -> Config:
         raise ConfigError([_describe(e) for e in exc.errors()], source) from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a JSON config file (or start from defaults), apply `--set` overrides, validate once."""
+def _merge(base: dict, overlay: dict) -> dict:
+    """Deep-merge `overlay` into `base` (sections merge key by key; other values are replaced)."""
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def _read_json(path: str | Path) -> dict:
+    try:
+        raw = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"expected a JSON object at the top level, found {type(raw).__name__}", str(path))
+    return raw
+
+
+def load_config(paths: str | Path | list | tuple | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read JSON config file(s) (later files deep-merge over earlier ones), apply `--set` overrides, validate once."""
+    if paths is None:
+        paths = []
+    elif isinstance(paths, (str, Path)):
+        paths = [paths]
     raw: dict = {}
-    source = None
-    if path is not None:
-        source = str(path)
-        try:
-            raw = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"expected a JSON object at the top level, found {type(raw).__name__}", source)
+    for path in paths:
+        _merge(raw, _read_json(path))
+    source = " + ".join(str(p) for p in paths) or None
     return validate(apply_overrides(raw, overrides), source)
 
 
@@ -354,6 +374,8 @@ def reference_markdown() -> str:
     lines = []
     for section, field in Config.model_fields.items():
         model = field.annotation
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            continue
         lines += [f"#### `{section}`", "", "| key | type | default | meaning |", "|---|---|---|---|"]
         for name, f in model.model_fields.items():
             default = f.get_default(call_default_factory=True)

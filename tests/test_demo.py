@@ -1,0 +1,71 @@
+"""`make all` in miniature: the real demo.mk, the real config files (shrunk), the real CLI.
+
+The configs are copied with small sizes (tiny models, a few steps, a slice of the corpus) but the
+same keys and paths, and the chain runs through make exactly as `make all` does."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_MODEL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "num_key_value_heads": 2, "max_position_embeddings": 64}
+TINY_TRAIN = {"batch_size": 2, "max_steps": 4, "warmup_steps": 1, "eval_steps": 2, "save_steps": 0, "eval_max_sequences": 8}
+
+
+def _shrunk_configs(dest: Path) -> None:
+    src = ROOT / "configs" / "demo"
+    (dest / "methods").mkdir(parents=True)
+    for method in (src / "methods").glob("*.json"):
+        (dest / "methods" / method.name).write_text(method.read_text())
+    edits = {
+        "tokens.json": {"data": {"max_length": 64, "eval_fraction": 0.2}},
+        "teacher.json": {"student": {"config": TINY_MODEL}, "train": {**TINY_TRAIN, "max_steps": 3, "eval_steps": 0}},
+        "cache.json": {"teacher": {"layers": [1, 2]}, "data": {"max_length": 64, "eval_fraction": 0.2, "max_documents": 8},
+                       "cache": {"top_k": 32, "sequences_per_shard": 32, "sequences_per_chunk": 8}},
+        "student-small.json": {"student": {"config": {**TINY_MODEL, "hidden_size": 16, "intermediate_size": 32}}, "train": TINY_TRAIN},
+        "student-medium.json": {"student": {"config": TINY_MODEL}, "train": TINY_TRAIN},
+    }
+    for name, edit in edits.items():
+        cfg = json.loads((src / name).read_text())
+        for section, values in edit.items():
+            for key, value in values.items():
+                if isinstance(value, dict):
+                    cfg[section][key].update(value)
+                else:
+                    cfg[section][key] = value
+        (dest / name).write_text(json.dumps(cfg))
+
+
+def _make(workdir: Path) -> subprocess.CompletedProcess:
+    cmd = ["make", "-f", str(ROOT / "demo.mk"), "all", f"SAD={sys.executable} -m sad_pipe.cli", "STAMP=",
+           "CONFIGS=configs/demo", "CORPUS_MB=0.25", "VOCAB=400", "MEDIUM_METHODS=ce tail"]
+    return subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=600,
+                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+
+
+def test_make_all_in_miniature(tmp_path):
+    _shrunk_configs(tmp_path / "configs" / "demo")
+    first = _make(tmp_path)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    demo = tmp_path / "runs" / "demo"
+    report = (demo / "report.md").read_text()
+    cache_id = json.loads((demo / "cache" / "manifest.json").read_text())["summary"]["cache_id"]
+    runs = sorted(demo.glob("students/*/*/result.json"))
+    assert {(p.parent.parent.name, p.parent.name) for p in runs} == {
+        *(("small", m) for m in ("ce", "full", "subset", "tail", "curriculum")), ("medium", "ce"), ("medium", "tail")}
+    for path in runs:  # every student came from the one cache, and its final model loads
+        assert json.loads(path.read_text())["cache_id"] == cache_id
+        assert (path.parent / "final" / "config.json").exists()
+    assert f"`{cache_id}` (the same one)" in report
+    for heading in ("## Teacher", "## Cache", "### small", "### medium", "## Goals, as measured"):
+        assert heading in report
+    assert (demo / "plots" / "small-ce.png").stat().st_size > 0
+    assert "[sad-pipe train-student:" in first.stderr  # a timed line per stage
+
+    second = _make(tmp_path)  # everything is up to date: only the report is printed
+    assert second.returncode == 0
+    assert "sad_pipe.cli" not in second.stdout and "## Students" in second.stdout
