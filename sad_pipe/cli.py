@@ -182,6 +182,21 @@ def gc_cmd(cache):
     click.echo(f"removed {len(result['removed'])} leftovers, freed {result['bytes']:,} bytes")
 
 
+@main.command("bench")
+@click.option("--output", default="bench", show_default=True, type=click.Path(file_okay=False),
+              help="Where results.json and results.md go.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--only", multiple=True, help="Run only these benchmarks (repeatable); default: all.")
+@click.option("--repeats", type=int, default=3, show_default=True, help="Repetitions; figures are medians.")
+@click.option("--quick", is_flag=True, help="Tiny sizes: checks the benchmarks run, measures nothing worth quoting.")
+@_reporting_errors
+def bench_cmd(output, device, only, repeats, quick):
+    """Performance figures, each a ratio against its baseline measured side by side in the same run."""
+    from sad_pipe.bench import run_benchmarks
+
+    click.echo(run_benchmarks(Path(output), device=device, only=list(only), repeats=repeats, quick=quick))
+
+
 @main.group("demo")
 def demo_group():
     """Steps of the embedded demo behind `make all` (corpus, tokenizer, report)."""
