@@ -1,4 +1,4 @@
-"""`sad-pipe inspect`: what a cache holds, from its manifest (or plan + commits while incomplete)."""
+"""`sad-pipe inspect`: what a cache holds, from plan.json and the commit records (complete or not)."""
 
 from __future__ import annotations
 
@@ -37,16 +37,54 @@ def describe(url: str) -> dict:
                    "committed": len(commits), "missing": len(missing) if plan.arrays else 0},
         "bytes_on_disk": on_disk,
     }
+    out.update(_bytes_per_token(plan, commits))
+    mass = _topk_mass(ident["temperatures"], commits)
+    if mass:
+        out["topk_mass"] = mass
     if cache.exists("manifest.json"):
-        summary = cache.read_json("manifest.json")["summary"]
-        out["bytes_per_token"] = summary["bytes_per_token"]
-        out["bytes_per_token_by_array"] = summary["bytes_per_token_by_array"]
-        if "topk_mass" in summary:
-            out["topk_mass"] = summary["topk_mass"]
+        summary = cache.read_json("manifest.json").get("summary", {})
         for key in ("teacher_train_ce", "teacher_eval_ce", "teacher_eval_top1"):
             if key in summary:
                 out[key] = summary[key]
         for key in ("wall_seconds", "teacher_tokens_per_second"):
             if summary.get(key) is not None:
                 out[key] = summary[key]
+    return out
+
+
+def _bytes_per_token(plan, commits: dict) -> dict:
+    """Bytes on disk per token, in total and per array, from the sizes the plan and commit records hold.
+
+    input_ids counts every file of tokens/ (ids, document spans, metadata) over all planned tokens; a
+    teacher array counts its own files over the committed tokens; a shard group's own zarr.json counts
+    only in the total."""
+    all_tokens = sum(v["tokens"] for v in plan.splits.values())
+    token_bytes = sum(f["size"] for t in plan.tokens.values() for f in t["files"].values())
+    committed_tokens = sum(r["stats"]["tokens"] for r in commits.values())
+    per_array: dict[str, int] = {}
+    group_bytes = 0
+    for record in commits.values():
+        for name, info in record["files"].items():
+            array, sep, _ = name.partition("/")
+            if sep:
+                per_array[array] = per_array.get(array, 0) + info["size"]
+            else:
+                group_bytes += info["size"]
+    by_array = {"input_ids": token_bytes / all_tokens if all_tokens else 0.0}
+    by_array.update({name: size / committed_tokens for name, size in sorted(per_array.items())})
+    total = sum(by_array.values()) + (group_bytes / committed_tokens if committed_tokens else 0.0)
+    return {"bytes_per_token": total, "bytes_per_token_by_array": by_array}
+
+
+def _topk_mass(temperatures: list[float], commits: dict) -> dict[str, float]:
+    """Mean teacher probability inside the cached top-k at each cached T, over the committed tokens.
+
+    The writer sums each shard's `stats`; stage one records `topk_mass_T<t>` as a sum over tokens."""
+    out = {}
+    for t in temperatures:
+        key = f"topk_mass_T{t:g}"
+        records = [r for r in commits.values() if key in r["stats"]]
+        tokens = sum(r["stats"]["tokens"] for r in records)
+        if tokens:
+            out[f"T{t:g}"] = sum(r["stats"][key] for r in records) / tokens
     return out

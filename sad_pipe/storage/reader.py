@@ -122,21 +122,25 @@ class CacheReader:
         if stop - 1 >= (shard + 1) * self.shard_rows or stop > self.sequences(split) or start < 0:
             raise CacheError(f"rows [{start}, {stop}) of {split} cross a shard boundary or the split end")
         out = {}
+        where = f"tokens of {split}"
         try:
             if "input_ids" in groups:
                 tok = self._group(self.plan.tokens[split]["dir"], self.plan.tokens[split]["files"])
                 out["input_ids"] = tok["input_ids"][start:stop]
             names = self.arrays_for(groups)
             if names:
+                where = f"shard {split}/{shard}"
                 rel = self.manifest["shards"][split][shard]
+                where = f"shard {split}/{shard} ({rel})"
                 group = self._group(rel, self._shard_files(split, shard))
                 for name in names:
+                    where = f"shard {split}/{shard} ({rel}/{name})"
                     out[name] = group[name][offset:offset + stop - start]
         except CacheError:
             raise
         except Exception as exc:  # zarr/blosc/crc errors: name the shard, never train on bad data
-            raise CacheError(f"{self.url}: cannot read {split} rows [{start}, {stop}) ({type(exc).__name__}: {exc}); "
-                             f"run sad-pipe verify --full {self.url}") from None
+            raise CacheError(f"{self.url}: cannot read {split} rows [{start}, {stop}) from {where} "
+                             f"({type(exc).__name__}: {exc}); run sad-pipe verify --full {self.url}") from None
         return out
 
     def read_chunk(self, split: str, chunk: int, groups: set[str]) -> dict[str, np.ndarray]:

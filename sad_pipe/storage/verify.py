@@ -84,11 +84,13 @@ def _check_files(cache: CacheFS, rel: str, files: dict, full: bool, report: Veri
     return good
 
 
-def _check_arrays(cache: CacheFS, rel: str, specs: list[ArraySpec], rows: int, max_length: int, vocab: int,
-                  report: VerifyReport, where: str) -> None:
-    """Decode every chunk of every array and check shape, range and finiteness."""
+def _check_arrays(cache: CacheFS, rel: str, specs: list[ArraySpec], sequences: tuple[int, int], max_length: int,
+                  vocab: int, values: str, report: VerifyReport, where: str) -> None:
+    """Decode every chunk of every array and check shape, range and finiteness. Problems name the
+    split's sequence numbers, as the plan and the index count them."""
     import zarr
 
+    first, rows = sequences[0], sequences[1] - sequences[0]
     try:
         group = zarr.open_group(store=cache.zarr_store(rel, read_only=True), mode="r", zarr_format=3)
     except Exception as exc:
@@ -104,19 +106,28 @@ def _check_arrays(cache: CacheFS, rel: str, specs: list[ArraySpec], rows: int, m
             chunk = arr.chunks[0]
             for a in range(0, rows, chunk):
                 data = arr[a:a + chunk]
-                problem = _value_problem(spec, data, vocab)
+                problem = _value_problem(spec, data, vocab, values)
                 if problem:
-                    report.add(where, f"{spec.name} rows {a}..{a + len(data) - 1}: {problem}")
+                    report.add(where, f"{spec.name} sequences {first + a}..{first + a + len(data) - 1}: {problem}")
                     break
         except Exception as exc:
             report.add(where, f"{spec.name}: unreadable ({type(exc).__name__}: {str(exc)[:200]})")
 
 
-def _value_problem(spec: ArraySpec, data: np.ndarray, vocab: int) -> str | None:
+# Exponent bits of the 16-bit floats stored as uint16: all ones means Inf or NaN.
+_EXPONENT_BITS = {"fp16": 0x7C00, "bf16": 0x7F80}
+
+
+def _value_problem(spec: ArraySpec, data: np.ndarray, vocab: int, values: str) -> str | None:
     if spec.name == "topk_ids":
         top = int(data.max(initial=0))
         if top >= vocab:
             return f"index {top} >= vocab size {vocab}"
+        return None
+    if spec.name == "topk_values" and values in _EXPONENT_BITS:  # (max - logit) as fp16/bf16 bits
+        exponent = _EXPONENT_BITS[values]
+        if np.any((data & exponent) == exponent):
+            return "non-finite top-k values"
         return None
     if spec.name.startswith("hidden_") and spec.dtype == "uint16":  # bf16 bits: exponent all ones = Inf/NaN
         if np.any((data & 0x7F80) == 0x7F80):
@@ -167,10 +178,12 @@ def verify(url: str, full: bool = False) -> VerifyReport:
             except CacheError as exc:
                 report.add(where, str(exc))
                 continue
-            if manifest is not None and manifest.get("shards", {}).get(split, [None] * (shard + 1))[shard] != record["dir"]:
+            listed = manifest.get("shards", {}).get(split, []) if manifest is not None else None
+            if listed is not None and (shard >= len(listed) or listed[shard] != record["dir"]):
                 report.add(where, "manifest and commit record name different shard directories")
             if _check_files(cache, record["dir"], record["files"], full, report, where) and full:
-                _check_arrays(cache, record["dir"], plan.arrays, b - a, max_length, vocab, report, where)
+                _check_arrays(cache, record["dir"], plan.arrays, (a, b), max_length, vocab, plan.identity["values"],
+                              report, where)
     if manifest is not None and full:
         _check_index(cache, plan, report)
     report.complete = manifest is not None and not report.damaged_shards()

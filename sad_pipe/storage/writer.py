@@ -161,11 +161,12 @@ class TokenWriter:
         self.tmp = f"_tmp/tokens-{split}-{uuid.uuid4().hex[:8]}"
         self.group = zarr.open_group(store=cache.zarr_store(self.tmp, read_only=False), mode="w-", zarr_format=3)
         zstd = {"cname": "zstd", "clevel": 3, "shuffle": "shuffle"}
+        every_chunk = {"write_empty_chunks": True}  # as in shards: a lost chunk file must not read as zeros
         self.ids = self.group.create_array("input_ids", shape=(0, max_length), dtype=id_dtype,
                                            chunks=(chunk_rows, max_length), shards=(rows_per_file, max_length),
-                                           compressors=_compressors(zstd, id_dtype), fill_value=0)
+                                           compressors=_compressors(zstd, id_dtype), fill_value=0, config=every_chunk)
         self.docs = self.group.create_array("doc_span", shape=(0, 2), dtype=np.int64, chunks=(rows_per_file, 2),
-                                            compressors=_compressors(zstd, np.int64), fill_value=0)
+                                            compressors=_compressors(zstd, np.int64), fill_value=0, config=every_chunk)
         self.rows_per_file = rows_per_file
         self.pending_ids: list[np.ndarray] = []
         self.pending_docs: list[np.ndarray] = []
@@ -201,8 +202,22 @@ class TokenWriter:
         self.cache.remove(self.tmp)
 
 
+def _check_shard_table(plan: Plan) -> None:
+    """Readers find sequence s in shard s // sequences_per_shard and read whole chunks: refuse any other table."""
+    per_shard, per_chunk = plan.identity["sequences_per_shard"], plan.identity["sequences_per_chunk"]
+    if per_shard % per_chunk:
+        raise CacheError(f"plan.json: identity.sequences_per_shard {per_shard} is not a multiple of "
+                         f"identity.sequences_per_chunk {per_chunk}")
+    for split, info in plan.splits.items():
+        n = info["sequences"]
+        regular = [[a, min(a + per_shard, n)] for a in range(0, n, per_shard)]
+        if info["shards"] != regular and not (info["shards"] == [] and not plan.arrays):
+            raise CacheError(f"plan.json: splits.{split}.shards is not [[0, {per_shard}], [{per_shard}, ...], ..., [.., {n}]]")
+
+
 def create_plan(cache: CacheFS, plan: Plan) -> Plan:
     """Record the plan unless one exists; if one does, it must have the same identity. Returns the plan in force."""
+    _check_shard_table(plan)
     if cache.create_json_if_absent("plan.json", plan.to_json()):
         return plan
     existing = read_plan(cache)
@@ -214,22 +229,20 @@ def _index_table(cache: CacheFS, plan: Plan, split: str, commits: dict) -> pa.Ta
     from sad_pipe.storage.reader import open_tokens
 
     spans = open_tokens(cache, plan, split)["doc_span"][...]
-    seq, shard, offset, dirs = [], [], [], []
-    for i, (start, stop) in enumerate(plan.splits[split]["shards"]):
-        record = commits.get((split, i))
-        for s in range(start, stop):
-            seq.append(s)
-            shard.append(i)
-            offset.append(s - start)
-            dirs.append(record["dir"] if record else "")
+    per_shard = plan.identity["sequences_per_shard"]
+    seq = list(range(plan.splits[split]["sequences"]))
+    shard = [s // per_shard for s in seq]
+    offset = [s % per_shard for s in seq]
+    # A tokens-only cache has no teacher shards: its rows name no shard directory.
+    dirs = [commits[(split, i)]["dir"] if (split, i) in commits else "" for i in shard]
     max_length = plan.identity["packing"]["max_length"]
-    documents = [list(range(int(a), int(b) + 1)) for a, b in spans]
+    # Only the first and last document are known: the documents between them in the dataset's row
+    # order may belong to the other split, so a range [doc_first, doc_last] would name wrong ones.
     return pa.table({
         "sequence": pa.array(seq, pa.int64()), "shard": pa.array(shard, pa.int32()),
         "offset": pa.array(offset, pa.int32()), "shard_dir": pa.array(dirs, pa.string()),
         "tokens": pa.array([max_length] * len(seq), pa.int32()),
         "doc_first": pa.array(spans[:, 0], pa.int64()), "doc_last": pa.array(spans[:, 1], pa.int64()),
-        "documents": pa.array(documents, pa.list_(pa.int64())),
     })
 
 
