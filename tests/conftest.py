@@ -121,12 +121,13 @@ def cli(*args: str, expect: int | None = 0):
     return result
 
 
-def cache_config(tmp_path, assets, teacher: str | None = "llama", **sections) -> str:
-    """A cache-teacher config file for the shared assets; `sections` override whole keys."""
+def cache_config(tmp_path, assets, teacher_name: str | None = "llama", **sections) -> str:
+    """A cache-teacher config file for the shared assets (teacher_name: "llama", "gpt2" or None for a
+    tokens-only cache); `sections` override keys section by section."""
     cfg = {
-        "teacher": {"model": assets[teacher] if teacher else None, "batch_size": 4, "layers": [1, 2]},
+        "teacher": {"model": assets[teacher_name] if teacher_name else None, "batch_size": 4, "layers": [1, 2]},
         "data": {"path": assets["data"], "max_length": 64, "eval_fraction": 0.1,
-                 **({} if teacher else {"tokenizer": assets["tokenizer"]})},
+                 **({} if teacher_name else {"tokenizer": assets["tokenizer"]})},
         "cache": {"path": str(tmp_path / "cache"), "top_k": 32, "sequences_per_shard": 32, "sequences_per_chunk": 8},
     }
     for section, values in sections.items():
