@@ -54,7 +54,10 @@ def phase_table(cfg: CurriculumConfig, total_steps: int) -> list[dict]:
         return [{"phase": 1, "steps": [0, total_steps], "weights": step_weights(0, total_steps, cfg)}]
     rows, start = [], 0
     for i, phase in enumerate(cfg.phases):
-        stop = total_steps if i == len(cfg.phases) - 1 else min(total_steps, round(phase.until * total_steps))
+        # The first step whose progress reaches `until`, found with the same division curriculum_weights
+        # uses (round(until * total) disagrees with it, e.g. until 0.3 of 7 steps: 2 vs 3).
+        stop = total_steps if i == len(cfg.phases) - 1 else next(
+            s for s in range(start, total_steps + 1) if s == total_steps or s / total_steps >= phase.until)
         if stop > start:
             rows.append({"phase": i + 1, "steps": [start, stop], "weights_start": step_weights(start, total_steps, cfg),
                          "weights_end": step_weights(stop - 1, total_steps, cfg)})

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-# log(1e-30): a floor for the student's tail log-mass. With k = V the tail is empty (mass 0) and the
-# teacher's tail mass is 0 up to rounding (~1e-7); the floor keeps 0 * log 0 finite.
+# log(1e-30): a floor for the student's tail log-mass, so a student whose tail mass underflows to 0
+# gives a large but finite loss (and gradient) instead of inf.
 LOG_FLOOR = math.log(1e-30)
 
 
@@ -72,43 +72,55 @@ def kd_from_logits(student: torch.Tensor, teacher: TeacherTargets, form: str, te
     # scatter_add, not scatter: an invalid entry may share an id with a valid one in the same row.
     in_topk = torch.zeros_like(s).scatter_add_(-1, ids, valid.float()) > 0
     q_tail_log = (torch.logsumexp(s.masked_fill(in_topk, -torch.inf), dim=-1) - s_lse).clamp_min(LOG_FLOOR)
-    tail = torch.where(p_tail > 0, p_tail * (torch.log(p_tail.clamp_min(1e-45)) - q_tail_log), 0.0)
+    # No bucket where the top-k covers the student's whole vocabulary (k = V): the teacher's "tail"
+    # there is rounding noise, and noise * (log noise - LOG_FLOOR) would be a spurious positive term.
+    has_tail = (p_tail > 0) & ~in_topk.all(dim=-1)
+    tail = torch.where(has_tail, p_tail * (torch.log(p_tail.clamp_min(1e-45)) - q_tail_log), 0.0)
     return (head + tail) * t * t
 
 
+def _masked_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """sum(values * mask), but a masked position contributes 0 even if its value is NaN/Inf."""
+    return torch.where(mask > 0, values * mask, 0.0).sum()
+
+
 def _vocab_chunk(hidden, weight, bias, labels, ce_mask, kd_mask, t_ids, t_logits, t_lse, t_valid, t_full,
-                 form: str, temperature: float, want_kd: bool):
+                 form: str, temperature: float, compute_kd: bool):
     """Sums over one chunk of positions: (ce_sum, kd_sum, agree_sum). Recomputed in backward."""
     logits = F.linear(hidden, weight, bias).float()  # [n, V]
     lse = torch.logsumexp(logits, dim=-1)
     target = logits.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-    ce_sum = ((lse - target) * ce_mask).sum()
+    ce_sum = _masked_sum(lse - target, ce_mask)
     zero = logits.new_zeros(())
-    if not want_kd:
+    if t_ids is None and t_full is None:
         return ce_sum, zero, zero
-    teacher = TeacherTargets(ids=t_ids, logits=t_logits, lse=t_lse, valid=t_valid, full_logits=t_full)
-    kd_sum = (kd_from_logits(logits, teacher, form, temperature) * kd_mask).sum()
+    kd_sum = zero
+    if compute_kd:
+        teacher = TeacherTargets(ids=t_ids, logits=t_logits, lse=t_lse, valid=t_valid, full_logits=t_full)
+        kd_sum = _masked_sum(kd_from_logits(logits, teacher, form, temperature), kd_mask)
     with torch.no_grad():
         if t_full is not None:
             t_top = t_full.argmax(-1)
         else:
-            t_top = t_ids.gather(-1, torch.where(t_valid, t_logits.float(), -torch.inf).argmax(-1, keepdim=True)).squeeze(-1)
-        agree = ((logits.argmax(-1) == t_top).float() * kd_mask).sum()
+            t_scores = t_logits.float() if t_valid is None else torch.where(t_valid, t_logits.float(), -torch.inf)
+            t_top = t_ids.gather(-1, t_scores.argmax(-1, keepdim=True)).squeeze(-1)
+        agree = _masked_sum((logits.argmax(-1) == t_top).float(), kd_mask)
     return ce_sum, kd_sum, agree
 
 
 def vocab_losses(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
                  ce_mask: torch.Tensor, kd_mask: torch.Tensor, teacher: TeacherTargets | None, *, form: str,
-                 temperature: float, chunk_tokens: int) -> dict[str, torch.Tensor]:
+                 temperature: float, chunk_tokens: int, compute_kd: bool = True) -> dict[str, torch.Tensor]:
     """CE and KD through the student's output layer, chunk by chunk.
 
     hidden [N, D] (final student states), weight [V, D] (+ bias [V]): the LM head, applied per chunk.
     labels [N] (next-token ids, -1 where none), ce_mask / kd_mask [N] float.
-    Returns {"ce", "kd" (if teacher), "agreement" (if teacher): fraction of positions where the
-    student's argmax is the teacher's top-1}.
+    Returns {"ce"; with a teacher also "agreement" (fraction of kd_mask positions where the student's
+    argmax is the teacher's top-1) and, unless compute_kd is false, "kd"}. compute_kd=False is for a
+    KD weight of 0: the cached top-k still gives the agreement metric, the KL is not computed.
     """
-    want_kd = teacher is not None
     t = teacher or TeacherTargets()
+    want_kd = teacher is not None and compute_kd
     n = hidden.shape[0]
     sums = [hidden.new_zeros((), dtype=torch.float32) for _ in range(3)]
     use_ckpt = torch.is_grad_enabled() and hidden.requires_grad
@@ -126,6 +138,7 @@ def vocab_losses(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     out = {"ce": _mean(sums[0], ce_mask.sum())}
     if want_kd:
         out["kd"] = _mean(sums[1], kd_mask.sum())
+    if teacher is not None:
         out["agreement"] = _mean(sums[2].detach(), kd_mask.sum())
     return out
 

@@ -39,7 +39,7 @@ def plot_metrics(metrics_path: Path, out_dir: Path) -> list[Path]:
         keys = sorted({k for r in evals for k in r if k.startswith("eval/") and k != "eval/perplexity"})
         fig, ax = plt.subplots(figsize=(8, 5))
         for k in keys:
-            pts = [(r["step"], r[k]) for r in evals if k in r]
+            pts = [(r["step"], r[k]) for r in evals if r.get(k) is not None]  # null: a non-finite figure
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=k[5:])
         ax.set_title("eval (weights of the same step)")
         ax.set_xlabel("optimizer step")

@@ -39,7 +39,8 @@ from sad_pipe.errors import ConfigError, ModelError, TrainingError
 from sad_pipe.pipeline import distributed
 from sad_pipe.pipeline.config import COMPONENTS, Config
 from sad_pipe.pipeline.models import (
-    build_student, load_causal_lm, load_tokenizer, resolve_device, resolve_dtype, tokenizer_fingerprint,
+    build_student, load_causal_lm, load_tokenizer, max_positions_of, resolve_device, resolve_dtype,
+    tokenizer_fingerprint, vocab_size_of,
 )
 from sad_pipe.stages.train_student.curriculum import active_step_ranges, phase_table, step_weights
 from sad_pipe.stages.train_student.losses import (
@@ -54,6 +55,13 @@ log = logging.getLogger(__name__)
 
 # Field groups each loss component reads from the cache.
 NEEDS = {"kd": {"topk", "lse"}, "ce": set(), "feature": {"hidden"}, "attention": {"hidden"}}
+
+
+def needs(component: str, kd_form: str) -> set[str]:
+    """Cache field groups a component reads: subset KD needs no lse, online (full) KD nothing cached."""
+    if component == "kd" and kd_form != "tail":
+        return {"topk"} if kd_form == "subset" else set()
+    return NEEDS[component]
 
 
 # -- setup ------------------------------------------------------------------------------------------------
@@ -97,6 +105,8 @@ class TrainPlan:
     total_steps: int
     warmup_steps: int
     warmup_percent: float
+    learning_rate: float
+    lr_schedule: str
     tokens_per_step: int
     precision: str
     device: str
@@ -118,7 +128,8 @@ class TrainPlan:
             f"{self.global_batch} sequences)",
             f"gradient accumulation: {self.gradient_accumulation_steps} -> {self.steps_per_epoch} optimizer steps per epoch, "
             f"{self.total_steps} in total over {self.epochs} epoch(s), {self.tokens_per_step:,} tokens per step",
-            f"warm-up: {self.warmup_steps} optimizer steps ({self.warmup_percent:.1f}%)",
+            f"lr: warm-up over {self.warmup_steps} optimizer steps ({self.warmup_percent:.1f}%) to {format_lr(self.learning_rate)}, "
+            f"then {self.lr_schedule}",
             f"precision {self.precision} on {self.device}; student {self.student_parameters:,} parameters; "
             f"KD {self.kd_form} at T={self.temperature:g}" + (f", top-{self.kd_top_k}" if self.kd_top_k else ""),
         ]
@@ -207,7 +218,7 @@ def _check_cache_fits(cfg: Config, reader: CacheReader, total_steps: int) -> Non
         raise ConfigError(problems)
 
 
-def _load_student(cfg: Config, tokenizer) -> nn.Module:
+def _load_student(cfg: Config, tokenizer, max_length: int) -> nn.Module:
     if cfg.student.model is None and cfg.student.config is None:
         raise ConfigError("student: set student.model (pretrained path or hub id) or student.config (fresh model)")
     student = build_student(cfg.student.config, cfg.student.model, vocab_size=len(tokenizer),
@@ -221,14 +232,39 @@ def _load_student(cfg: Config, tokenizer) -> nn.Module:
             raise ModelError(f"student {cfg.student.model!r} uses a different tokenizer than the cache's teacher "
                              f"({len(own)} vs {len(tokenizer)} tokens, different vocabulary or merges); "
                              "a student must share the teacher's tokenizer for its logits to mean the same tokens")
-    vocab = student.get_output_embeddings().weight.shape[0]
+    vocab = vocab_size_of(student)
     if vocab < len(tokenizer):
         raise ModelError(f"student has {vocab} logits but the tokenizer has {len(tokenizer)} tokens; "
                          "its embedding table must cover the tokenizer (a larger, padded table is fine)")
+    positions = max_positions_of(student)
+    if positions is not None and positions < max_length:
+        raise ModelError(f"student takes at most {positions} positions but the cache's sequences have {max_length} tokens; "
+                         "give it max_position_embeddings (n_positions for GPT-2) >= data.max_length of the cache")
     for key in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
         if getattr(student.config, key, None) not in (None, 1.0):
             raise ModelError(f"student config sets {key}: sad-pipe computes logits as the LM head's output and would ignore it")
     return student
+
+
+def lr_factor(step: int, warmup: int, total: int, kind: str) -> float:
+    """Multiplier of the peak lr for optimizer step `step` (0-based) of `total`.
+
+    Warm-up is linear and reaches the peak on step warmup - 1, so warm-up ends at the configured
+    optimizer step and its first step already learns (peak / warmup; transformers' schedules give 0
+    there). The decay then runs over the remaining steps and stays above 0 on the last one."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if kind == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if kind == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def format_lr(lr: float) -> str:
+    """Three significant digits in any range (2.50e-05, 3.00e-04): warm-up values stay readable."""
+    return f"{lr:.2e}"
 
 
 def _optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
@@ -246,9 +282,7 @@ def _field_schedule(cfg: Config, total_steps: int, mb_per_epoch: int, steps_per_
     ranges = active_step_ranges(cfg.curriculum, total_steps)
     by_group: dict[str, list[tuple[int, int]]] = {}
     for component, spans in ranges.items():
-        if component == "kd" and cfg.loss.kd_form == "full":
-            continue  # online teacher: nothing from the cache but tokens
-        for group in NEEDS[component]:
+        for group in needs(component, cfg.loss.kd_form):
             by_group.setdefault(group, []).extend(spans)
 
     def first_micro_batch(step: int) -> int:
@@ -259,7 +293,8 @@ def _field_schedule(cfg: Config, total_steps: int, mb_per_epoch: int, steps_per_
     for group, spans in by_group.items():
         merged = sorted(set(spans))
         extra[group] = [(first_micro_batch(a), first_micro_batch(b)) for a, b in merged]
-    return FieldSchedule(always={"input_ids"}, extra=extra), {g: [list(s) for s in sorted(set(v))] for g, v in by_group.items()}
+    arrays_read = {"input_ids": [[0, total_steps]], **{g: [list(s) for s in sorted(set(v))] for g, v in by_group.items()}}
+    return FieldSchedule(always={"input_ids"}, extra=extra), arrays_read
 
 
 def setup(cfg: Config) -> Setup:
@@ -273,10 +308,10 @@ def setup(cfg: Config) -> Setup:
     rank, world = distributed.rank(), distributed.world_size()
 
     torch.manual_seed(cfg.train.seed)  # same init for every method of a comparison
-    student = _load_student(cfg, tokenizer)
+    student = _load_student(cfg, tokenizer, reader.max_length)
     n_student = int(student.config.get_text_config().num_hidden_layers)
-    if cfg.train.use_gradient_checkpointing:
-        student.gradient_checkpointing_enable()
+    if cfg.train.use_gradient_checkpointing:  # renamed in transformers 5.x; the old name warns
+        getattr(student, "activation_checkpointing_enable", student.gradient_checkpointing_enable)()
     global_batch = cfg.train.batch_size * world
     mb_per_epoch = reader.sequences("train") // global_batch
     if mb_per_epoch == 0:
@@ -322,10 +357,8 @@ def setup(cfg: Config) -> Setup:
             raise ModelError(f"online teacher {name!r} uses a different tokenizer than the cache")
 
     optimizer = _optimizer(model, cfg)
-    from transformers import get_scheduler
-
-    scheduler = get_scheduler(cfg.train.lr_schedule if cfg.train.lr_schedule != "constant" else "constant_with_warmup",
-                              optimizer, num_warmup_steps=cfg.train.warmup_steps, num_training_steps=total)
+    warmup, kind = cfg.train.warmup_steps, cfg.train.lr_schedule
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup, total, kind))
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     schedule, arrays_read = _field_schedule(cfg, total, mb_per_epoch, steps_per_epoch)
     train_set = CacheDataset(cfg.cache.path, "train", cfg.train.batch_size, schedule, seed=cfg.train.seed,
@@ -337,7 +370,8 @@ def setup(cfg: Config) -> Setup:
         eval_sequences=reader.sequences("eval"), world_size=world, batch_size=cfg.train.batch_size,
         global_batch=global_batch, gradient_accumulation_steps=accum, micro_batches_per_epoch=mb_per_epoch,
         steps_per_epoch=steps_per_epoch, epochs=epochs, total_steps=total, warmup_steps=cfg.train.warmup_steps,
-        warmup_percent=100.0 * cfg.train.warmup_steps / total, tokens_per_step=global_batch * accum * reader.max_length,
+        warmup_percent=100.0 * cfg.train.warmup_steps / total, learning_rate=cfg.train.learning_rate,
+        lr_schedule=cfg.train.lr_schedule, tokens_per_step=global_batch * accum * reader.max_length,
         precision=precision, device=str(device), kd_form=cfg.loss.kd_form, temperature=cfg.loss.temperature,
         kd_top_k=cfg.loss.kd_top_k, student_parameters=sum(p.numel() for p in student.parameters()),
         student_layers=student_layers, teacher_layers=reader.layers, phases=phase_table(cfg.curriculum, total),
@@ -376,8 +410,8 @@ def batch_losses(s: Setup, batch: dict[str, torch.Tensor], weights: dict[str, fl
         last, states, routed = (model or s.model)(ids, s.student_layers if need_hidden else None,
                                        teacher_states if "feature" in want else None, kd_mask)
 
-    targets = None
-    if "kd" in want or ("topk" in batch or "topk_ids" in batch):
+    targets = None  # teacher targets: for KD, and (when the cache gives them anyway) for top-1 agreement
+    if "kd" in want or "topk_ids" in batch:
         if cfg.loss.kd_form == "full" and s.teacher is not None and "kd" in want:
             with torch.no_grad():
                 full = s.teacher(input_ids=ids, use_cache=False).logits.reshape(b * t, -1)
@@ -392,9 +426,7 @@ def batch_losses(s: Setup, batch: dict[str, torch.Tensor], weights: dict[str, fl
     head = s.core.student.get_output_embeddings()
     out = vocab_losses(last.reshape(b * t, -1), head.weight, head.bias, labels.reshape(-1), ce_mask.reshape(-1),
                        kd_mask.reshape(-1), targets, form=cfg.loss.kd_form, temperature=cfg.loss.temperature,
-                       chunk_tokens=cfg.loss.chunk_tokens)
-    if "kd" not in want:
-        out.pop("kd", None)
+                       chunk_tokens=cfg.loss.chunk_tokens, compute_kd="kd" in want)
     if "feature" in want:
         projected, target_states, routing = routed
         out["feature"] = sum(feature_loss(p, tgt, kd_mask) for p, tgt in zip(projected, target_states)) / len(projected)
@@ -402,7 +434,7 @@ def batch_losses(s: Setup, batch: dict[str, torch.Tensor], weights: dict[str, fl
     if "attention" in want:
         pairs = s.core.router.fixed_map.tolist() if s.core.router is not None else range(len(states))
         out["attention"] = sum(relation_loss(h, teacher_states[j], kd_mask) for h, j in zip(states, pairs)) / len(states)
-    total = sum(weights[c] * out[c] for c in want)
+    total = sum((weights[c] * out[c] for c in want), out["ce"].new_zeros(()))
     if "router_balance" in out:
         total = total + weights["feature"] * cfg.loss.router_balance_weight * out["router_balance"]
     out["total"] = total
@@ -464,8 +496,10 @@ def load_checkpoint(s: Setup, path: Path) -> dict:
     return state
 
 
-# Changing these between a run and its resume would silently train something else.
-RESUME_KEYS = ("cache_id", "global_batch", "gradient_accumulation_steps", "total_steps", "kd_form", "temperature")
+# Changing these between a run and its resume would silently train something else (the restored
+# scheduler, for one, keeps the old learning rate), or fail deep inside loading the checkpoint.
+RESUME_KEYS = ("cache_id", "global_batch", "gradient_accumulation_steps", "total_steps", "learning_rate", "lr_schedule",
+               "warmup_steps", "kd_form", "temperature", "kd_top_k", "student_parameters", "student_layers")
 
 
 def _check_resume(run_dir: Path, plan: TrainPlan) -> None:
@@ -481,31 +515,37 @@ def _check_resume(run_dir: Path, plan: TrainPlan) -> None:
 
 # -- eval -----------------------------------------------------------------------------------------------------
 
+def logged_weights(s: Setup, step: int) -> dict[str, float]:
+    """The weights of the optimizer step logged as `step` in metrics.jsonl (1-based: steps done so far,
+    so it is 0-based step `step - 1`). Eval logged at `step` uses the same, so the losses compare."""
+    return step_weights(max(step, 1) - 1, s.plan.total_steps, s.cfg.curriculum)
+
+
 @torch.no_grad()
 def evaluate(s: Setup, step: int) -> dict[str, float]:
-    """Eval split, with the weights of training step `step`: comparable to the train loss at that step."""
+    """Eval split after `step` optimizer steps, with the weights the train loss logged at `step` used."""
     if s.reader.sequences("eval") == 0:
         return {}
-    weights = step_weights(min(step, s.plan.total_steps - 1), s.plan.total_steps, s.cfg.curriculum)
+    weights = logged_weights(s, step)
     groups = {"input_ids"}
     for c in COMPONENTS:
-        if weights[c] > 0 and not (c == "kd" and s.cfg.loss.kd_form == "full"):
-            groups |= NEEDS[c]
+        if weights[c] > 0:
+            groups |= needs(c, s.cfg.loss.kd_form)
     if s.reader.has_teacher:
-        groups |= {"topk"}
+        groups |= {"topk"}  # top-1 agreement with the teacher, reported whatever the weights
     data = CacheDataset(s.cfg.cache.path, "eval", s.cfg.train.batch_size, FieldSchedule(always=groups), shuffle=False,
                         drop_last=False, limit=s.cfg.train.eval_max_sequences, rank=distributed.rank(),
                         world_size=distributed.world_size())
     s.model.eval()
     sums: dict[str, float] = {}
     seen = 0
-    for batch in DataLoader(data, batch_size=None, num_workers=0):
+    for batch in DataLoader(data, batch_size=None, num_workers=0, generator=_loader_generator()):
         n = batch["input_ids"].shape[0]
         if n == 0:
             continue
         out = batch_losses(s, batch, weights, model=s.core)  # no DDP: ranks may see different batch counts
         for k, v in out.items():
-            sums[k] = sums.get(k, 0.0) + float(v) * n
+            sums[k] = sums.get(k, 0.0) + float(v.detach()) * n
         seen += n
     s.model.train()
     keys = sorted(sums)
@@ -532,10 +572,12 @@ class LoopState:
 
 
 def _metrics_writer(run_dir: Path, resume_step: int):
-    """metrics.jsonl, with lines past the resumed checkpoint dropped so the trace equals an uninterrupted run."""
+    """metrics.jsonl, with lines past the resumed checkpoint (and a final eval, redone at the end) dropped so
+    the trace equals an uninterrupted run."""
     path = run_dir / "metrics.jsonl"
     if path.exists():
-        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= resume_step]
+        rows = [(line, json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+        keep = [line for line, row in rows if row["step"] <= resume_step and not row.get("final")]
         path.write_text("".join(line + "\n" for line in keep))
     return open(path, "a", buffering=1)
 
@@ -555,7 +597,9 @@ def run(cfg: Config) -> dict:
     s = setup(cfg)
     run_dir = Path(cfg.train.output)
     resume_from = latest_checkpoint(run_dir) if run_dir.exists() else None
-    if resume_from is None and run_dir.exists() and (run_dir / "final").exists():
+    # result.json is written last. The last step always leaves a checkpoint, so a run stopped while
+    # writing final/ resumes from it and finishes again.
+    if (run_dir / "result.json").exists():
         raise ConfigError(f"train.output {run_dir}: holds a finished run; choose another directory or delete it")
     if resume_from is not None and not cfg.train.resume:
         raise ConfigError(f"train.output {run_dir}: holds checkpoints but train.resume is false; "
@@ -589,7 +633,7 @@ def run(cfg: Config) -> dict:
         result["teacher/eval_ce"] = s.plan.teacher_eval_ce
     if _is_main():
         with open(run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"step": state.step, "split": "eval", "final": True, **final_eval}) + "\n")
+            f.write(_json_line({**_eval_record(s, state.step, final_eval), "final": True}))
         final = run_dir / "final"
         s.core.student.save_pretrained(final)
         s.tokenizer.save_pretrained(final)
@@ -619,9 +663,9 @@ def _train(s: Setup, state: LoopState, run_dir: Path, metrics) -> None:
     while state.step < plan.total_steps:
         s.train_set.set_position(state.epoch, state.next_micro_batch)
         loader = DataLoader(s.train_set, batch_size=None, num_workers=cfg.train.num_workers,
-                            pin_memory=s.device.type == "cuda", persistent_workers=False)
+                            pin_memory=s.device.type == "cuda", persistent_workers=False, generator=_loader_generator())
         sums: dict[str, float] = {}
-        bad, bad_ids, micro_in_step = False, [], 0
+        bad, bad_ids, step_ids, micro_in_step = False, [], [], 0
         step_start = time.perf_counter()
         for batch in loader:
             b = int(batch["micro_batch"])
@@ -635,11 +679,12 @@ def _train(s: Setup, state: LoopState, run_dir: Path, metrics) -> None:
                 loss = out["total"] / group_size
                 if torch.isfinite(loss):
                     (s.scaler.scale(loss) if s.scaler else loss).backward()
-                else:
+                else:  # never backpropagated, never clamped: the whole step is skipped below
                     bad = True
                     bad_ids += batch["sequence_ids"].tolist()
+            step_ids += batch["sequence_ids"].tolist()
             for k, v in out.items():
-                sums[k] = sums.get(k, 0.0) + float(v) / group_size
+                sums[k] = sums.get(k, 0.0) + float(v.detach()) / group_size
             micro_in_step += 1
             if not last_of_step:
                 continue
@@ -667,56 +712,80 @@ def _train(s: Setup, state: LoopState, run_dir: Path, metrics) -> None:
                 s.scheduler.step()
             state.step += 1
             state.tokens += tokens_per_micro * micro_in_step
+            # A non-finite gradient with finite losses cannot be pinned on one micro-batch: name them all.
+            bad_ids = (bad_ids or step_ids)[:64] if bad else []
             if bad:
                 state.skipped_steps += 1
                 state.consecutive_nonfinite += 1
-                state.skipped = (state.skipped + [{"step": state.step, "sequence_ids": bad_ids[:64]}])[-10:]
+                state.skipped = (state.skipped + [{"step": state.step, "sequence_ids": bad_ids}])[-10:]
                 log.warning("step %d: non-finite loss or gradient; step skipped (weights unchanged), sequences %s",
                             state.step, bad_ids[:16])
-                if state.consecutive_nonfinite >= cfg.train.max_consecutive_nan:
-                    raise TrainingError(
-                        f"{state.consecutive_nonfinite} optimizer steps in a row had a non-finite loss or gradient "
-                        f"(last at step {state.step}, sequences {bad_ids[:16]}); stopping. "
-                        "Lower train.learning_rate or loss.temperature, or check the cache with sad-pipe verify --full"
-                    )
             elif stepped or s.scaler is None:
                 state.consecutive_nonfinite = 0
             b_next = b + 1
             state.epoch, state.next_micro_batch = (state.epoch + 1, 0) if b_next >= mb_per_epoch else (state.epoch, b_next)
             elapsed = time.perf_counter() - step_start
             state.train_seconds += elapsed
-            record = {"step": state.step, "epoch": state.epoch, "progress": state.step / plan.total_steps, "lr": lr,
-                      "grad_norm": grad_norm, "tokens_per_second": tokens_per_micro * micro_in_step / max(elapsed, 1e-9),
+            record = {"step": state.step, "split": "train", "epoch": state.epoch, "progress": state.step / plan.total_steps,
+                      "lr": lr, "grad_norm": grad_norm,
+                      "tokens_per_second": tokens_per_micro * micro_in_step / max(elapsed, 1e-9),
                       "skipped_steps": state.skipped_steps, "nonfinite": bad,
                       **{f"weight/{c}": weights[c] for c in COMPONENTS}}
-            record.update({f"loss/{k}": v for k, v in sums.items()})
-            record.update({f"weighted/{c}": weights[c] * sums[c] for c in COMPONENTS if c in sums and weights[c] > 0})
+            record.update({k if k == "agreement" else f"loss/{k}": v for k, v in sums.items()})  # agreement: a metric
+            # A component with weight 0 is not computed: its raw loss is absent, its weighted share exactly 0.
+            record.update({f"weighted/{c}": weights[c] * sums[c] if weights[c] > 0 else 0.0 for c in COMPONENTS})
+            if bad:
+                record["skipped_sequence_ids"] = bad_ids
             record = _reduce(record)  # a collective: every rank calls it
-            if metrics and state.step % cfg.train.log_steps == 0:
-                metrics.write(json.dumps(record) + "\n")
+            if metrics and (state.step % cfg.train.log_steps == 0 or bad):
+                metrics.write(_json_line(record))
+            if bad and state.consecutive_nonfinite >= cfg.train.max_consecutive_nan:
+                raise TrainingError(
+                    f"{state.consecutive_nonfinite} optimizer steps in a row had a non-finite loss or gradient "
+                    f"(train.max_consecutive_nan is {cfg.train.max_consecutive_nan}; last at step {state.step}, "
+                    f"sequences {bad_ids[:16]}); stopping. Lower train.learning_rate or loss.temperature, "
+                    "or check the cache with sad-pipe verify --full"
+                )
             bar.update(1)
-            bar.set_postfix_str(f"loss={sums.get('total', float('nan')):.4f} lr={lr:.3g} "
+            bar.set_postfix_str(f"loss={sums.get('total', float('nan')):.4f} lr={format_lr(lr)} "
                                 f"tok/s={record['tokens_per_second']:,.0f}" + (f" skipped={state.skipped_steps}" if state.skipped_steps else ""))
             if cfg.train.eval_steps and state.step % cfg.train.eval_steps == 0 and state.step < plan.total_steps:
                 ev = evaluate(s, state.step)
                 if metrics and ev:
-                    metrics.write(json.dumps({"step": state.step, "split": "eval", **ev}) + "\n")
+                    metrics.write(_json_line(_eval_record(s, state.step, ev)))
                     log.info("eval at step %d: %s", state.step, ", ".join(f"{k[5:]}={v:.4f}" for k, v in ev.items()))
             if _is_main() and ((cfg.train.save_steps and state.step % cfg.train.save_steps == 0) or state.step == plan.total_steps):
                 save_checkpoint(s, run_dir, asdict(state))
             distributed.barrier()
-            sums, bad, bad_ids, micro_in_step = {}, False, [], 0
+            sums, bad, bad_ids, step_ids, micro_in_step = {}, False, [], [], 0
             step_start = time.perf_counter()
             if state.step >= plan.total_steps:
                 break
     bar.close()
 
 
+def _json_line(record: dict) -> str:
+    """One strict-JSON line: a non-finite figure (a skipped step's loss) is written as null, not NaN."""
+    clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+    return json.dumps(clean) + "\n"
+
+
+def _eval_record(s: Setup, step: int, ev: dict) -> dict:
+    """An eval line for metrics.jsonl; it repeats the weights so a reader sees they equal the train line's."""
+    return {"step": step, "split": "eval", **{f"weight/{c}": w for c, w in logged_weights(s, step).items()}, **ev}
+
+
+def _loader_generator() -> torch.Generator:
+    """A private generator for a DataLoader. Each new loader iterator draws a seed; drawn from the global
+    RNG it would shift dropout after a resume (the resumed run makes a loader the straight run did not)."""
+    return torch.Generator().manual_seed(0)
+
+
 def _reduce(record: dict) -> dict:
     """Average the per-rank loss figures so rank 0's metrics describe the global batch."""
     if not distributed.active():
         return record
-    numeric = {k: float(v) for k, v in record.items() if k.startswith(("loss/", "weighted/"))}
+    numeric = {k: float(v) for k, v in record.items() if k.startswith(("loss/", "weighted/", "agreement"))}
     totals = distributed.sum_figures(numeric)
     return {**record, **{k: v / distributed.world_size() for k, v in totals.items()}}
 
