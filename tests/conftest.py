@@ -13,12 +13,17 @@ import sysconfig
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tiny test models are overhead-bound, and CI's 2 cores are shared by pytest, subprocesses and
+# DataLoader workers: OpenMP threads spinning against each other made runs up to 8x slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 import torch
 from click.testing import CliRunner
 
 from sad_pipe.cli import main
+
+torch.set_num_threads(1)
 
 STDLIB = sysconfig.get_paths()["stdlib"]
 

@@ -123,7 +123,9 @@ def vocab_losses(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     want_kd = teacher is not None and compute_kd
     n = hidden.shape[0]
     sums = [hidden.new_zeros((), dtype=torch.float32) for _ in range(3)]
-    use_ckpt = torch.is_grad_enabled() and hidden.requires_grad
+    # Checkpointing pays only with several chunks (one chunk's temporaries are alive at the peak
+    # either way); with one chunk it would just recompute the LM head.
+    use_ckpt = torch.is_grad_enabled() and hidden.requires_grad and n > chunk_tokens
     for a in range(0, n, chunk_tokens):
         sl = slice(a, a + chunk_tokens)
         args = (hidden[sl], weight, bias, labels[sl], ce_mask[sl], kd_mask[sl],
