@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from sad_pipe.errors import ConfigError, SadPipeError
+from sad_pipe.errors import SadPipeError
 
 
 TIMED = {"cache-teacher", "train-student", "verify", "demo", "bench"}

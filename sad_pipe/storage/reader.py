@@ -23,7 +23,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from sad_pipe.errors import CacheError
 from sad_pipe.storage.fs import CacheFS
-from sad_pipe.storage.manifest import Plan, hidden_name, read_manifest, topk_scheme
+from sad_pipe.storage.manifest import Plan, read_manifest, topk_scheme
 
 FIELD_GROUPS = ("input_ids", "topk", "lse", "target_logprob", "hidden")
 
