@@ -17,7 +17,6 @@ import click
 
 from sad_pipe.errors import SadPipeError
 
-
 TIMED = {"cache-teacher", "train-student", "verify", "demo", "bench"}
 
 

@@ -169,7 +169,7 @@ class TrainConfig(Section):
 
 class LossConfig(Section):
     kd_form: Literal["tail", "subset", "full"] = "tail"
-    """tail: top-k plus one bucket for the rest (exact teacher tail mass from the cached lse); subset: top-k renormalised (the seed's); full: full-vocabulary KL against a teacher resident in memory (the baseline the cache replaces)."""
+    """tail: top-k plus one bucket for the rest (exact teacher tail mass from the cached lse); subset: top-k renormalised (the seed's); full: full-vocabulary KL against a teacher resident in memory (the baseline the cache replaces)."""  # noqa: E501
     temperature: float = Field(1.0, gt=0)
     """KD temperature; the loss is T^2 * KL. tail needs the lse at T in the cache."""
     kd_top_k: int | None = Field(None, gt=0)

@@ -76,6 +76,8 @@ def load_documents(cfg: DataConfig):
             if None in builders or len(builders) != 1:
                 raise DataError(f"data.path {cfg.path}: mixed or unsupported file types {sorted(exts)}; "
                                 f"use one of {', '.join(sorted(BUILDERS))}")
+            if all(os.path.getsize(f) == 0 for f in files):  # `datasets` fails on these with a bare StopIteration
+                raise DataError(f"data.path {cfg.path}: empty (no documents)")
             builder = builders.pop()
             extra = {"sample_by": "document"} if builder == "text" else {}  # one .txt file = one document
             ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=cfg.streaming, **extra)
@@ -83,7 +85,7 @@ def load_documents(cfg: DataConfig):
             ds = datasets.load_dataset(cfg.path, cfg.name, split=cfg.split, revision=cfg.revision, streaming=cfg.streaming)
     except DataError:
         raise
-    except Exception as exc:  # datasets raises many types; all mean "cannot load this"
+    except Exception as exc:  # noqa: BLE001 - datasets raises many types; all mean "cannot load this"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(f"data.path {cfg.path}: cannot load dataset ({type(exc).__name__}: {first})") from None
     columns = ds.column_names
@@ -160,7 +162,8 @@ class PackedDocuments:
         for doc, row in enumerate(load_documents(self.cfg)):
             text = row.get(field_name)
             if not isinstance(text, str):
-                raise DataError(f"data.text_field {field_name!r}: document {doc} holds {type(text).__name__}, expected text")
+                raise DataError(f"data.text_field {field_name!r}: document {doc} of {self.cfg.path} holds "
+                                f"{type(text).__name__}, expected text")
             if text:
                 batch.append((doc, text))
             if len(batch) == TOKENIZE_BATCH:

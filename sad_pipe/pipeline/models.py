@@ -38,14 +38,20 @@ def _first_line(exc: Exception) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def require_local_path(name: str, what: str) -> None:
+    """A name that is a path (./, /, ~) must exist: say so, instead of a hub error about an invalid repo id."""
+    if name.startswith((".", "/", "~")) and not os.path.exists(os.path.expanduser(name)):
+        raise ModelError(f"{what} {name!r}: no such directory")
+
+
 def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    require_local_path(name, "tokenizer")
     try:
         return AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
-    except Exception as exc:  # OSError, ValueError, hub errors: all mean "cannot load this"
-        where = "no such directory" if name.startswith((".", "/", "~")) and not os.path.exists(name) else _first_line(exc)
-        raise ModelError(f"cannot load tokenizer {name!r}: {where}") from None
+    except Exception as exc:  # noqa: BLE001 - OSError, ValueError, hub errors: all mean "cannot load this"
+        raise ModelError(f"cannot load tokenizer {name!r}: {_first_line(exc)}") from None
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -74,11 +80,10 @@ def load_causal_lm(name: str, *, revision: str | None, dtype: torch.dtype, devic
                    trust_remote_code: bool, what: str):
     from transformers import AutoModelForCausalLM
 
-    if name.startswith((".", "/", "~")) and not os.path.exists(name):
-        raise ModelError(f"{what} {name!r}: no such directory")
+    require_local_path(name, what)
     try:
         model = AutoModelForCausalLM.from_pretrained(name, revision=revision, dtype=dtype, trust_remote_code=trust_remote_code)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - missing files, bad config, hub errors: all mean "cannot load this"
         raise ModelError(f"cannot load {what} {name!r}: {_first_line(exc)}") from None
     return model.to(device)
 
@@ -130,5 +135,5 @@ def build_student(config: dict | None, model: str | None, *, vocab_size: int, re
     try:
         hf_config = AutoConfig.for_model(model_type, **fields)
         return AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - unknown model type or inconsistent sizes: both are the user's config
         raise ModelError(f"student.config: cannot build a {model_type!r} model ({_first_line(exc)})") from None

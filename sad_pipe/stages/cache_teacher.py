@@ -4,7 +4,8 @@
       1. tokenizer + teacher; the cache identity (teacher, tokenizer, data, packing, k, layers, dtypes)
       2. plan: reuse the existing one (same identity) or tokenize + pack into tokens/ and plan.json
       3. every uncommitted shard: teacher forward -> top-k, logsumexp, hidden states on the device ->
-         host -> a background thread encodes, writes and commits (the teacher keeps running)
+         host -> encode, write and commit (behind a GPU teacher in a background thread; on a CPU in
+         line, since the teacher's threads already use every core)
       4. finalize: per-sequence index, then manifest.json (last, only when every shard is committed)
 
 Re-running the same command resumes: committed shards are skipped, leftovers are deleted first.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import queue
 import shutil
@@ -33,21 +35,37 @@ from sad_pipe.pipeline import distributed
 from sad_pipe.pipeline.config import Config
 from sad_pipe.pipeline.data import PackedDocuments, dataset_fingerprint
 from sad_pipe.pipeline.models import (
-    load_causal_lm, load_tokenizer, max_positions_of, num_layers_of, resolve_device, resolve_dtype,
-    teacher_identity, tokenizer_fingerprint, vocab_size_of,
+    load_causal_lm,
+    load_tokenizer,
+    max_positions_of,
+    num_layers_of,
+    require_local_path,
+    resolve_device,
+    resolve_dtype,
+    teacher_identity,
+    tokenizer_fingerprint,
+    vocab_size_of,
 )
 from sad_pipe.storage.codecs import TopKScheme, encode_hidden, encode_topk
 from sad_pipe.storage.fs import CacheFS
 from sad_pipe.storage.manifest import (
-    Plan, cache_id, check_identity, hidden_name, missing_shards, read_commits, read_plan, topk_scheme,
+    Plan,
+    cache_id,
+    check_identity,
+    hidden_name,
+    missing_shards,
+    read_commits,
+    read_plan,
+    topk_scheme,
 )
 from sad_pipe.storage.verify import collect_garbage, compressed_bytes_per_token
 from sad_pipe.storage.writer import ShardWriter, TokenWriter, create_plan, finalize
 
 log = logging.getLogger(__name__)
 
-# Positions per chunk of the fp32 vocabulary pass: bounds the [chunk, V] fp32 temporaries to ~256 MB.
-LOGIT_CHUNK_BYTES = 1 << 28
+# Size of one chunk of the vocabulary pass ([rows, V] fp32). On a CPU it stays in the cache while
+# top-k and logsumexp read it several times; on a GPU it only bounds memory.
+CHUNK_BYTES = {"cpu": 8 << 20, "cuda": 256 << 20}
 
 
 class TeacherOutputError(SadPipeError):
@@ -55,6 +73,63 @@ class TeacherOutputError(SadPipeError):
 
 
 # -- the teacher on the device ----------------------------------------------------------------------
+
+def top_k(f: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, ids) of the k largest entries of each row of f [N, V], in no particular order; exact.
+
+    torch.topk on a CPU runs a scalar quickselect per row (~10 ns per entry: as much as a small
+    teacher's whole output layer). Cut each row into V/g strided blocks of g entries: the k largest
+    entries lie in the k blocks with the largest maxima (a block ranked below them has k maxima above
+    its own), so one vectorised max pass and two selections over ~sqrt(kV) entries each replace the
+    selection over V. GPUs select fast enough as is.
+    """
+    n, vocab = f.shape
+    g = round(math.sqrt(vocab / k))
+    if f.device.type != "cpu" or g < 2:
+        return f.topk(k, dim=-1, sorted=False)
+    width = vocab // g  # block j holds columns j, j + width, ..., j + (g - 1) * width
+    block_max = f[:, :g * width].unflatten(1, (g, width)).amax(1)
+    blocks = block_max.topk(k, dim=-1, sorted=False).indices
+    candidates = (blocks.unsqueeze(1) + torch.arange(0, g * width, width).unsqueeze(1)).flatten(1)
+    if vocab > g * width:  # the few columns past the last whole block are always candidates
+        candidates = torch.cat([candidates, torch.arange(g * width, vocab).expand(n, -1)], dim=1)
+    values, pick = f.gather(1, candidates).topk(k, dim=-1, sorted=False)
+    return values, candidates.gather(1, pick)
+
+
+def logsumexp(f: torch.Tensor, fmax: torch.Tensor, temperatures: list[float], work: torch.Tensor) -> torch.Tensor:
+    """logsumexp(f / T) for each T -> [N, len(temperatures)], given the row maxima fmax [N] and a
+    scratch tensor `work` shaped like f. A NaN or +inf anywhere in a row makes that row's results NaN.
+
+    work holds exp((f - max) / T) for one T at a time, lowest T first: doubling T is a square root,
+    which costs a fraction of another exp."""
+    sums, current = {}, None
+    for t in sorted(set(temperatures)):
+        if current is not None and t == 2 * current:
+            work.sqrt_()
+        else:
+            torch.sub(f, fmax.unsqueeze(-1), out=work).div_(t).exp_()
+        sums[t], current = work.sum(-1), t
+    scale = torch.tensor(temperatures, device=f.device)
+    return torch.stack([sums[t] for t in temperatures], -1).log_() + fmax.unsqueeze(-1) / scale
+
+
+def _plain_head(model, vocab: int) -> bool:
+    """True when the logits are output_embeddings(base_model(...).last_hidden_state) and nothing else
+    (no soft-capping, no scaling). Then the runner projects chunk by chunk and never holds [B*T, V]
+    logits; otherwise it asks the model for its logits."""
+    base, head = getattr(model, "base_model", model), model.get_output_embeddings()
+    if base is model or head is None:
+        return False
+    ids = (torch.arange(16, device=head.weight.device) % vocab).unsqueeze(0)
+    try:
+        with torch.inference_mode():
+            full = model(input_ids=ids, use_cache=False).logits
+            mine = head(base(input_ids=ids, use_cache=False).last_hidden_state)
+    except Exception:  # noqa: BLE001 - any surprise means: use the model's own logits
+        return False
+    return torch.equal(full.float(), mine.float())
+
 
 @dataclass
 class TeacherRunner:
@@ -66,34 +141,45 @@ class TeacherRunner:
     hidden_dtype: str
     store_target_logprob: bool
 
+    def __post_init__(self):
+        self.head = self.model.get_output_embeddings()
+        self.vocab = int(self.head.weight.shape[0])
+        self.fused = _plain_head(self.model, self.vocab)
+        # logsumexp at T = 1 gives the target log-prob; computed even when not a cached temperature.
+        self.lse_temperatures = self.temperatures + ([] if 1.0 in self.temperatures else [1.0])
+        self.chunk = max(1, CHUNK_BYTES.get(self.device.type, CHUNK_BYTES["cuda"]) // (4 * self.vocab))
+        # [chunk, V] buffers reused by every chunk: on a CPU the page faults of a fresh multi-MB tensor
+        # cost more than the exp computed in it.
+        self.work = torch.empty(self.chunk, self.vocab, device=self.device)
+        plain_linear = isinstance(self.head, torch.nn.Linear) and self.head.bias is None
+        self.logit_buffer = (torch.empty(self.chunk, self.vocab, device=self.device, dtype=self.head.weight.dtype)
+                             if self.fused and plain_linear else None)
+
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """input_ids [B, T] on the device -> (stored arrays [B, T, ...], per-batch stats), all on the device.
 
         Only these cross to the host: top-k, lse and the selected layers, never [B, T, V] logits."""
         b, t = input_ids.shape
-        out = self.model(input_ids=input_ids, use_cache=False, output_hidden_states=list(self.layers) or False)
-        flat = out.logits.reshape(b * t, -1)
-        vocab = flat.shape[1]
+        hidden = list(self.layers) or False
+        if self.fused:
+            out = self.model.base_model(input_ids=input_ids, use_cache=False, output_hidden_states=hidden)
+            rows = out.last_hidden_state.reshape(b * t, -1)
+        else:
+            out = self.model(input_ids=input_ids, use_cache=False, output_hidden_states=hidden)
+            rows = out.logits.reshape(b * t, -1)
         # The teacher's prediction at position i is scored against token i + 1; the last position
         # of a sequence has no next token in it, so its target log-prob is 0 and it is left out of stats.
         next_ids = torch.cat([input_ids[:, 1:], input_ids[:, :1]], dim=1).reshape(-1)
         has_next = (torch.arange(t, device=self.device) < t - 1).repeat(b)
-        chunk = max(1, LOGIT_CHUNK_BYTES // (4 * vocab))
-        vals, ids, lses, targets, top1 = [], [], [], [], []
-        for s in range(0, b * t, chunk):
-            f = flat[s:s + chunk].float()
-            v, i = f.topk(self.scheme.k, dim=-1)
-            lse = torch.stack([torch.logsumexp(f / temp, dim=-1) for temp in self.temperatures], dim=-1)
-            lse1 = lse[:, self.temperatures.index(1.0)] if 1.0 in self.temperatures else torch.logsumexp(f, dim=-1)
-            targets.append(f.gather(-1, next_ids[s:s + chunk, None]).squeeze(-1) - lse1)
-            vals.append(v), ids.append(i), lses.append(lse), top1.append(i[:, 0] == next_ids[s:s + chunk])
-        vals, ids, lse = torch.cat(vals), torch.cat(ids), torch.cat(lses)
-        target = torch.where(has_next, torch.cat(targets), torch.zeros((), device=self.device))
+        parts = [self._vocab_pass(rows[s:s + self.chunk], next_ids[s:s + self.chunk]) for s in range(0, b * t, self.chunk)]
+        vals, ids, lse, target = (torch.cat(p) for p in zip(*parts))
+        target = torch.where(has_next, target, torch.zeros((), device=self.device))
+        n_cached = len(self.temperatures)
         bad = ~(torch.isfinite(vals).all(-1) & torch.isfinite(lse).all(-1))
 
         arrays = {k: v.reshape(b, t, *v.shape[1:]) for k, v in encode_topk(vals, ids, self.scheme).items()}
-        arrays["lse"] = lse.reshape(b, t, -1)
+        arrays["lse"] = lse[:, :n_cached].reshape(b, t, -1)
         if self.store_target_logprob:
             arrays["target_logprob"] = target.reshape(b, t)
         for layer in self.layers:
@@ -102,11 +188,24 @@ class TeacherRunner:
             if "scale" in enc:
                 arrays[hidden_name(layer) + "_scale"] = enc["scale"].reshape(b, t)
         # top-k probability mass at each cached T: how much of the distribution the cache keeps exactly.
-        mass = torch.stack([torch.exp(torch.logsumexp(vals / temp, -1) - lse[:, j]) for j, temp in enumerate(self.temperatures)], -1)
+        temps = torch.tensor(self.temperatures, device=self.device)
+        mass = torch.exp(torch.logsumexp(vals.unsqueeze(1) / temps[:, None], -1) - lse[:, :n_cached])
+        top1 = ids.gather(1, vals.argmax(-1, keepdim=True)).squeeze(1) == next_ids
         stats = {"bad_rows": bad.reshape(b, t).any(-1), "topk_mass": mass.sum(0),
-                 "target_nll": (-target * has_next).sum(), "target_top1": (torch.cat(top1) & has_next).sum(),
+                 "target_nll": (-target * has_next).sum(), "target_top1": (top1 & has_next).sum(),
                  "target_count": has_next.sum()}
         return arrays, stats
+
+    def _vocab_pass(self, rows: torch.Tensor, next_ids: torch.Tensor):
+        """One chunk of positions: (top-k values, top-k ids, lse per T, log-prob of the next token)."""
+        if self.logit_buffer is not None:  # what the Linear head computes, into the reused buffer
+            f = torch.mm(rows, self.head.weight.t(), out=self.logit_buffer[:len(rows)]).float()
+        else:
+            f = (self.head(rows) if self.fused else rows).float()
+        vals, ids = top_k(f, self.scheme.k)
+        lse = logsumexp(f, vals.amax(-1), self.lse_temperatures, self.work[:len(rows)])
+        lse1 = lse[:, self.lse_temperatures.index(1.0)]
+        return vals, ids, lse, f.gather(-1, next_ids.unsqueeze(-1)).squeeze(-1) - lse1
 
 
 def _to_host(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -120,58 +219,87 @@ def _to_host(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return host
 
 
-# -- the background writer ----------------------------------------------------------------------------
+# -- writing shards ---------------------------------------------------------------------------------------
 
-class BackgroundWriter:
-    """A thread that appends finished batches to their shard and commits full shards.
+class ShardSink:
+    """Takes finished batches in order, fills their shard and commits it when full.
 
-    Compression and disk I/O overlap the next teacher forward. The queue is bounded: when writing
-    falls behind, the teacher waits instead of host memory growing. An error in the thread (a
-    teacher NaN, a full disk) discards that shard and is raised in the caller at the next call.
+    A shard with any non-finite teacher output is refused when its last batch arrives, naming every
+    bad sequence in it. This class does the work in the caller's thread: right on a CPU, where the
+    teacher's thread pool already uses every core and a concurrent writer thread would stall it at
+    each of its barriers. `BackgroundSink` overlaps the work with a GPU teacher.
     """
 
-    def __init__(self, depth: int, temperatures: list[float]):
-        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+    def __init__(self, temperatures: list[float]):
         self.temperatures = temperatures
-        self.error: BaseException | None = None
         self.committed: list[dict] = []
         self.bytes = 0
+        self._bad: list[int] = []
+
+    def submit(self, writer: ShardWriter, arrays, stats, rows: np.ndarray) -> None:
+        self._consume(writer, arrays, stats, rows, None)
+
+    def discard(self, writer: ShardWriter) -> None:
+        """Give up the shard in progress (an error or Ctrl-C in the caller)."""
+        self._abort(writer)
+
+    def close(self) -> None:
+        pass
+
+    def _abort(self, writer: ShardWriter) -> None:
+        self._bad = []
+        writer.abort()
+
+    def _consume(self, writer: ShardWriter, arrays, stats, rows, event) -> None:
+        try:
+            if event is not None:
+                event.synchronize()
+            bad = stats.pop("bad_rows").cpu().numpy()
+            self._bad += [int(r) for r in np.asarray(rows)[bad]]
+            mass = stats.pop("topk_mass").cpu().numpy()
+            flat = {k: float(v) for k, v in stats.items()}
+            flat.update({f"topk_mass_T{t:g}": float(m) for t, m in zip(self.temperatures, mass)})
+            writer.write({k: v.numpy() for k, v in arrays.items()}, flat)
+            if writer.filled < writer.rows:
+                return
+            bad, self._bad = self._bad, []
+            if bad:
+                names = ", ".join(map(str, bad[:20])) + (f" and {len(bad) - 20} more" if len(bad) > 20 else "")
+                raise TeacherOutputError(
+                    f"teacher produced NaN/Inf logits for {writer.split} sequences [{names}] (shard {writer.shard}); "
+                    "that shard was not committed. float16 overflows on some models: try teacher.dtype bfloat16 or float32"
+                )
+            record = writer.finish()
+        except BaseException:
+            self._abort(writer)
+            raise
+        if record is not None:
+            self.committed.append(record)
+            self.bytes += sum(f["size"] for f in record["files"].values())
+
+
+class BackgroundSink(ShardSink):
+    """ShardSink in a thread behind a bounded queue, so that compression and disk I/O overlap the next
+    forward of a GPU teacher. When writing falls behind the teacher waits instead of host memory
+    growing. An error in the thread discards that shard and is raised in the caller at its next call.
+    """
+
+    def __init__(self, temperatures: list[float], depth: int):
+        super().__init__(temperatures)
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._work, name="sad-pipe-writer", daemon=True)
         self.thread.start()
 
     def _work(self) -> None:
-        while True:
-            item = self.queue.get()
-            if item is None:
-                return
-            writer, arrays, stats, event, rows = item
-            if self.error is not None:
-                writer.abort()
+        while (item := self.queue.get()) is not None:
+            writer, arrays, stats, rows, event = item
+            if self.error is not None or arrays is None:  # after an error, or a shard given up (Ctrl-C)
+                self._abort(writer)
                 continue
             try:
-                if event is not None:
-                    event.synchronize()
-                if arrays is None:  # the producer gave up on this shard (Ctrl-C)
-                    writer.abort()
-                    continue
-                bad = stats.pop("bad_rows").cpu().numpy()
-                if bad.any():
-                    names = ", ".join(str(r) for r in np.asarray(rows)[bad][:10])
-                    raise TeacherOutputError(
-                        f"teacher produced NaN/Inf logits for {writer.split} sequences [{names}] (shard {writer.shard}); "
-                        "that shard was not committed. float16 overflows on some models: try teacher.dtype bfloat16 or float32"
-                    )
-                mass = stats.pop("topk_mass").cpu().numpy()
-                flat = {k: float(v) for k, v in stats.items()}
-                flat.update({f"topk_mass_T{t:g}": float(m) for t, m in zip(self.temperatures, mass)})
-                writer.write({k: v.numpy() for k, v in arrays.items()}, flat)
-                if writer.filled == writer.rows:
-                    record = writer.finish()
-                    if record is not None:
-                        self.committed.append(record)
-                        self.bytes += sum(f["size"] for f in record["files"].values())
+                self._consume(writer, arrays, stats, rows, event)
             except BaseException as exc:  # noqa: BLE001 - handed to the producer thread
-                writer.abort()
                 self.error = exc
 
     def _raise(self) -> None:
@@ -181,11 +309,11 @@ class BackgroundWriter:
     def submit(self, writer: ShardWriter, arrays, stats, rows: np.ndarray) -> None:
         self._raise()
         event = None
-        if arrays is not None and next(iter(arrays.values())).device.type == "cuda":
+        if next(iter(arrays.values())).device.type == "cuda":
             arrays, stats = _to_host(arrays), _to_host(stats)
             event = torch.cuda.Event()
             event.record()
-        self.queue.put((writer, arrays, stats, event, rows))
+        self.queue.put((writer, arrays, stats, rows, event))
 
     def discard(self, writer: ShardWriter) -> None:
         self.queue.put((writer, None, None, None, None))
@@ -266,7 +394,9 @@ def _pack(cfg: Config, cache: CacheFS, tokenizer, identity: dict) -> Plan:
         for split, writer in writers.items():
             info = writer.finish()
             n = info["sequences"]
-            shards = [[a, min(a + c.sequences_per_shard, n)] for a in range(0, n, c.sequences_per_shard)]
+            # A tokens-only cache (no teacher) has no teacher shards to write.
+            shards = [[a, min(a + c.sequences_per_shard, n)] for a in range(0, n, c.sequences_per_shard)] \
+                if identity["teacher"] is not None else []
             splits[split] = {"sequences": n, "tokens": n * cfg.data.max_length, "documents": p[split].documents,
                              "dropped_tokens": p[split].dropped, "shards": shards}
             tokens[split] = info
@@ -282,13 +412,14 @@ def _pack(cfg: Config, cache: CacheFS, tokenizer, identity: dict) -> Plan:
 
 def _fill(cfg: Config, cache: CacheFS, plan: Plan, runner: TeacherRunner, todo: list[tuple[str, int]], rank: int) -> dict:
     """Run the teacher over the planned shards in `todo`; returns timing figures."""
-    t_len = plan.identity["packing"]["max_length"]
-    total = sum(plan.splits[s]["shards"][i][1] - plan.splits[s]["shards"][i][0] for s, i in todo)
-    tokens_dirs = {s: plan.tokens[s]["dir"] for s in plan.splits}
     import zarr
 
-    token_arrays = {s: zarr.open_array(store=cache.zarr_store(f"{d}/input_ids", read_only=True), mode="r") for s, d in tokens_dirs.items()}
-    writer_thread = BackgroundWriter(cfg.cache.queue_depth, runner.temperatures)
+    t_len = plan.identity["packing"]["max_length"]
+    total = sum(plan.splits[s]["shards"][i][1] - plan.splits[s]["shards"][i][0] for s, i in todo)
+    token_arrays = {s: zarr.open_array(store=cache.zarr_store(f"{t['dir']}/input_ids", read_only=True), mode="r")
+                    for s, t in plan.tokens.items()}
+    sink = (BackgroundSink(runner.temperatures, cfg.cache.queue_depth) if runner.device.type == "cuda"
+            else ShardSink(runner.temperatures))
     bar = tqdm(total=total, desc=f"teacher{f' rank {rank}' if distributed.world_size() > 1 else ''}", unit=" seq",
                dynamic_ncols=True, position=rank)
     forward_s, done_tokens, start = 0.0, 0, time.perf_counter()
@@ -303,29 +434,28 @@ def _fill(cfg: Config, cache: CacheFS, plan: Plan, runner: TeacherRunner, todo: 
                 t0 = time.perf_counter()
                 arrays, stats = runner(batch)
                 forward_s += time.perf_counter() - t0
-                writer_thread.submit(current, arrays, stats, np.arange(a + s, a + s + len(batch)))
+                sink.submit(current, arrays, stats, np.arange(a + s, a + s + len(batch)))
                 done_tokens += len(batch) * t_len
                 bar.update(len(batch))
-                elapsed = time.perf_counter() - start
-                committed_tokens = sum(r["stats"]["tokens"] for r in writer_thread.committed)
-                bar.set_postfix_str(f"{done_tokens / elapsed:,.0f} tok/s"
-                                    + (f", {writer_thread.bytes / committed_tokens:,.0f} B/token" if committed_tokens else ""))
-            current = None  # fully submitted: the writer thread commits it
-        writer_thread.close()
+                committed_tokens = sum(r["stats"]["tokens"] for r in sink.committed)
+                bar.set_postfix_str(f"{done_tokens / (time.perf_counter() - start):,.0f} tok/s"
+                                    + (f", {sink.bytes / committed_tokens:,.0f} B/token" if committed_tokens else ""))
+            current = None  # fully submitted: the sink commits it
+        sink.close()
     except BaseException:
         if current is not None:  # Ctrl-C or an error mid-shard: that shard is discarded, earlier ones still commit
-            writer_thread.discard(current)
+            sink.discard(current)
         try:
-            writer_thread.close()
-        except BaseException as exc:  # the writer's own error explains more than the interrupt
-            if not isinstance(exc, TeacherOutputError):
-                log.debug("writer thread error after interrupt: %s", exc)
-            else:
-                raise exc from None
+            sink.close()
+        except TeacherOutputError as exc:  # the writer's own error explains more than the interrupt
+            raise exc from None
+        except BaseException as exc:  # noqa: BLE001 - the original error is the one to report
+            log.debug("writer error after interrupt: %s", exc)
         raise
     finally:
         bar.close()
-    return {"forward_seconds": forward_s, "tokens": done_tokens, "committed": len(writer_thread.committed)}
+    return {"forward_seconds": forward_s, "fill_seconds": time.perf_counter() - start, "tokens": done_tokens,
+            "committed": len(sink.committed)}
 
 
 def _summary(cache: CacheFS, plan: Plan, figures: dict) -> dict:
@@ -334,7 +464,7 @@ def _summary(cache: CacheFS, plan: Plan, figures: dict) -> dict:
     stats: dict[str, dict[str, float]] = {s: {} for s in plan.splits}
     for (split, _), record in commits.items():
         for name, info in record["files"].items():
-            array = name.split("/", 1)[0]
+            array = name.split("/", 1)[0] if "/" in name else "metadata"  # the group's own zarr.json
             per_array[array] = per_array.get(array, 0) + info["size"]
         for k, v in record["stats"].items():
             stats[split][k] = stats[split].get(k, 0.0) + v
@@ -363,6 +493,8 @@ def load_teacher_for(cfg: Config):
     tok_name = cfg.data.tokenizer or cfg.teacher.model
     if tok_name is None:
         raise ConfigError("data.tokenizer: required when teacher.model is null (a tokens-only cache needs a tokenizer)")
+    if cfg.teacher.model is not None:  # before the tokenizer, which usually comes from the same path
+        require_local_path(cfg.teacher.model, "teacher.model")
     tokenizer = load_tokenizer(tok_name, revision=None if cfg.data.tokenizer else cfg.teacher.revision,
                                trust_remote_code=cfg.teacher.trust_remote_code)
     if cfg.teacher.model is None:
@@ -415,7 +547,7 @@ def run(cfg: Config, *, dry_run: bool = False) -> dict:
     distributed.barrier()
     plan = read_plan(cache)
     todo = [(s, i) for s, i in missing_shards(plan, read_commits(cache)) if i % world == rank]
-    figures = {"forward_seconds": 0.0, "tokens": 0, "committed": 0}
+    figures = {"forward_seconds": 0.0, "fill_seconds": 0.0, "tokens": 0, "committed": 0}
     runner = _runner(cfg, teacher, device, identity)
     if runner is not None and todo:
         log.info("teacher: %d shards to write (%d already committed)", len(todo),
@@ -425,7 +557,7 @@ def run(cfg: Config, *, dry_run: bool = False) -> dict:
     distributed.barrier()
     wall = time.perf_counter() - start
     summary = _summary(cache, plan, {
-        "wall_seconds": wall, "teacher_forward_seconds": figures["forward_seconds"],
+        "wall_seconds": wall, "teacher_forward_seconds": figures["forward_seconds"], "fill_seconds": figures["fill_seconds"],
         "teacher_tokens_per_second": figures["tokens"] / figures["forward_seconds"] if figures["forward_seconds"] else None,
         "cache_id": cache_id(plan.identity),
     })
@@ -478,22 +610,17 @@ def _dry_run(cfg: Config, tokenizer, teacher, device, identity: dict) -> dict:
             sample.append(seq)
     tokens = {s: n * cfg.data.max_length for s, n in counts.items()}
     total_tokens = sum(tokens.values())
-    out = {"dry_run": True, "sequences": counts, "tokens": tokens,
-           "documents": {s: p.documents for s, p in packed.packers.items()}, "arrays": {}}
-    id_bytes = _id_dtype(identity).itemsize
-    out["arrays"]["input_ids"] = {"raw_bytes_per_token": id_bytes}
+    per_token = {"input_ids": float(_id_dtype(identity).itemsize)}  # uncompressed: an upper bound
     if teacher is not None and sample:
         runner = _runner(cfg, teacher, device, identity)
         arrays, _ = runner(torch.from_numpy(np.stack(sample)).to(device))
         host = {k: v.cpu().numpy() for k, v in arrays.items()}
-        plan = Plan(identity=identity, splits={})
-        per_token = compressed_bytes_per_token(host, plan.arrays, identity["sequences_per_chunk"])
-        for spec in plan.arrays:
-            out["arrays"][spec.name] = {"raw_bytes_per_token": spec.bytes_per_token,
-                                        "compressed_bytes_per_token": per_token[spec.name]}
-    for name, a in out["arrays"].items():
-        per = a.get("compressed_bytes_per_token", a["raw_bytes_per_token"])
-        a["projected_bytes"] = per * total_tokens
-    out["projected_bytes"] = sum(a["projected_bytes"] for a in out["arrays"].values())
-    out["projected_bytes_per_token"] = out["projected_bytes"] / max(total_tokens, 1)
-    return out
+        specs = Plan(identity=identity, splits={}).arrays
+        per_token.update(compressed_bytes_per_token(host, specs, identity["sequences_per_chunk"]))
+    projected = {name: per * total_tokens for name, per in per_token.items()}
+    return {
+        "dry_run": True, "sequences": counts, "tokens": tokens,
+        "documents": {s: p.documents for s, p in packed.packers.items()},
+        "projected_bytes_per_token": {**per_token, "total": sum(per_token.values())},
+        "projected_bytes": {**projected, "total": sum(projected.values())},
+    }

@@ -49,7 +49,7 @@ class CacheReader:
         self.max_length = self.identity["packing"]["max_length"]
         self.chunk_rows = self.identity["sequences_per_chunk"]
         self.shard_rows = self.identity["sequences_per_shard"]
-        for split, dirs in self.manifest["shards"].items():
+        for dirs in self.manifest["shards"].values():
             for d in dirs:
                 self.cache.path(d)  # refuses a manifest that points outside the cache
         for info in self.plan.tokens.values():

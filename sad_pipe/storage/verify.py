@@ -18,7 +18,13 @@ import numpy as np
 from sad_pipe.errors import CacheError
 from sad_pipe.storage.fs import CacheFS
 from sad_pipe.storage.manifest import (
-    SPLITS, ArraySpec, Plan, check_format, commit_name, read_commits, read_plan,
+    SPLITS,
+    ArraySpec,
+    Plan,
+    check_format,
+    commit_name,
+    read_commits,
+    read_plan,
 )
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,15 @@ import pyarrow.parquet as pq
 from sad_pipe.errors import CacheError
 from sad_pipe.storage.fs import CacheFS
 from sad_pipe.storage.manifest import (
-    SPLITS, ArraySpec, Plan, check_identity, commit_name, missing_shards, now, read_commits, read_plan,
+    SPLITS,
+    ArraySpec,
+    Plan,
+    check_identity,
+    commit_name,
+    missing_shards,
+    now,
+    read_commits,
+    read_plan,
 )
 
 HASH_BLOCK = 1 << 20

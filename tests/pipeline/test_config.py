@@ -7,10 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import cli
 
 from sad_pipe.errors import ConfigError
 from sad_pipe.pipeline.config import load_config, reference_markdown, validate
-from conftest import cli
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").rglob("*.json"))

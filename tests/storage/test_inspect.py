@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import cache_config, cli
 
 from sad_pipe.storage.codecs import decode_topk, torch_view
 from sad_pipe.storage.fs import CacheFS
@@ -15,7 +16,6 @@ from sad_pipe.storage.manifest import cache_id, read_plan
 from sad_pipe.storage.reader import CacheReader
 
 from .builders import make_identity, plan_cache, write_shard
-from conftest import cache_config, cli
 
 
 def inspect_json(url: str) -> dict:

@@ -9,13 +9,13 @@ import shutil
 import numpy as np
 import pytest
 import zarr
+from conftest import cli
 
 from sad_pipe.storage.fs import CacheFS
 from sad_pipe.storage.manifest import read_commits
 from sad_pipe.storage.writer import finalize
 
 from .builders import build_cache, make_identity, plan_cache, write_missing, write_shard
-from conftest import cli
 
 IDENTITY = make_identity(sequences_per_shard=8, sequences_per_chunk=4)
 

@@ -14,6 +14,7 @@ import google_crc32c
 import numpy as np
 import pytest
 import zarr
+from conftest import cli
 from numcodecs import Blosc
 
 from sad_pipe.errors import CacheError, IdentityMismatch
@@ -26,7 +27,6 @@ from sad_pipe.storage.verify import collect_garbage
 from sad_pipe.storage.writer import ShardWriter, TokenWriter, create_plan, finalize
 
 from .builders import make_identity, plan_cache, shard_rows, stored_names, write_missing, write_shard
-from conftest import cli
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 IDENTITY = make_identity(sequences_per_shard=8, sequences_per_chunk=4)

@@ -39,12 +39,22 @@ from sad_pipe.errors import ConfigError, ModelError, TrainingError
 from sad_pipe.pipeline import distributed
 from sad_pipe.pipeline.config import COMPONENTS, Config
 from sad_pipe.pipeline.models import (
-    build_student, load_causal_lm, load_tokenizer, max_positions_of, resolve_device, resolve_dtype,
-    tokenizer_fingerprint, vocab_size_of,
+    build_student,
+    load_causal_lm,
+    load_tokenizer,
+    max_positions_of,
+    resolve_device,
+    resolve_dtype,
+    tokenizer_fingerprint,
+    vocab_size_of,
 )
 from sad_pipe.stages.train_student.curriculum import active_step_ranges, phase_table, step_weights
 from sad_pipe.stages.train_student.losses import (
-    TeacherTargets, balance_loss, feature_loss, relation_loss, vocab_losses,
+    TeacherTargets,
+    balance_loss,
+    feature_loss,
+    relation_loss,
+    vocab_losses,
 )
 from sad_pipe.stages.train_student.router import LayerRouter
 from sad_pipe.storage.codecs import decode_hidden, decode_topk

@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from sad_pipe.stages.train_student.losses import (
-    TeacherTargets, feature_loss, kd_from_logits, relation_loss, standardize, vocab_losses, vocab_losses_reference,
+    TeacherTargets,
+    feature_loss,
+    kd_from_logits,
+    relation_loss,
+    standardize,
+    vocab_losses,
+    vocab_losses_reference,
 )
 from sad_pipe.stages.train_student.router import LayerRouter
 

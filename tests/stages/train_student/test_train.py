@@ -13,9 +13,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import save_gpt2, save_llama, train_bpe
 from safetensors.torch import load_file
 
-from conftest import save_gpt2, save_llama, train_bpe
 from sad_pipe.pipeline.config import load_config
 from sad_pipe.pipeline.models import tokenizer_fingerprint
 from sad_pipe.stages.train_student import train as train_module

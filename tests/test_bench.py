@@ -1,0 +1,83 @@
+"""`sad-pipe bench`: the quick suite runs end to end and writes well-formed results. No timing assertions:
+the figures depend on the machine; only their presence and the files' structure are checked."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import cli
+
+from sad_pipe.bench import BENCHMARKS
+from sad_pipe.bench.measure import Figure, interleaved, paired, spread
+from sad_pipe.bench.report import SUMMARY_COLUMNS
+
+
+def _cells(line: str) -> list[str]:
+    return [c.strip() for c in line.strip().strip("|").split(" | ")]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "out"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("SAD_PIPE_BENCH_WORK", raising=False)  # a temporary work directory, removed afterwards
+        result = cli("bench", "--quick", "--repeats", "1", "--output", str(out))
+    return out, result
+
+
+def test_quick_suite_writes_results_json(quick_run):
+    out, _ = quick_run
+    results = json.loads((out / "results.json").read_text())
+    machine = results["machine"]
+    assert machine["cpu"] and machine["cores"] >= 1 and machine["torch"]
+    assert results["settings"]["quick"] is True and results["settings"]["repeats"] == 1
+    assert list(results["benchmarks"]) == list(BENCHMARKS)
+    for name, bench in results["benchmarks"].items():
+        assert "error" not in bench, f"{name}: {bench.get('error')}"
+        assert bench["figures"], f"{name} reported no figure"
+        for f in bench["figures"]:
+            assert len(f["values"]) >= 1 and f["min"] <= f["median"] <= f["max"], f
+            assert f["unit"] and f["numerator"]
+            assert f["met"] in (True, False, None)
+        assert bench["tables"] and all(len(r) == len(t["columns"]) for t in bench["tables"] for r in t["rows"])
+    assert set(BENCHMARKS) | {"total"} <= set(results["elapsed"])
+    assert not [p for p in out.iterdir() if p.name.startswith(".work-")], "the temporary work directory was left behind"
+
+
+def test_quick_suite_writes_markdown_table(quick_run):
+    out, result = quick_run
+    text = (out / "results.md").read_text()
+    lines = text.splitlines()
+    assert "## Summary" in result.output and lines[2] in result.output  # the command prints what it wrote
+    assert "AMD" in text or "Intel" in text or "cores" in text  # the machine is described
+    start = lines.index("## Summary") + 2
+    assert _cells(lines[start]) == SUMMARY_COLUMNS
+    assert set(lines[start + 1].strip("|").split("|")) == {"---"}
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append(_cells(line))
+    figures = sum(len(b["figures"]) for b in json.loads((out / "results.json").read_text())["benchmarks"].values())
+    assert len(rows) == figures
+    assert all(len(r) == len(SUMMARY_COLUMNS) for r in rows)
+    assert {r[0] for r in rows} == set(BENCHMARKS)
+    for i, name in enumerate(BENCHMARKS, 1):
+        assert f"## {i}. {name}" in lines
+    assert "## Run time" in lines
+
+
+def test_unknown_benchmark_is_a_usage_error(tmp_path):
+    result = cli("bench", "--only", "nope", "--output", str(tmp_path / "out"), expect=2)
+    assert "--only nope: unknown benchmark" in result.output
+
+
+def test_interleaved_repetitions_alternate_order_and_pair_ratios():
+    calls = []
+    runs = interleaved(3, {"a": lambda: calls.append("a") or 2.0, "b": lambda: calls.append("b") or 4.0})
+    assert calls == ["a", "b", "b", "a", "a", "b"]
+    assert paired(runs["a"], runs["b"]) == [0.5, 0.5, 0.5]
+    f = Figure("x", [1.0, 3.0, 2.0], "x", "a", "b", target=(">=", 1.5))
+    assert f.median == 2.0 and f.met is True
+    assert spread([1.0, 3.0, 2.0], "{:.1f}") == "2.0 (1.0-3.0)"
