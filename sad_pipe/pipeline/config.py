@@ -148,7 +148,7 @@ class TrainConfig(Section):
     eval_steps: int = Field(0, ge=0)
     """Evaluate every N optimizer steps (0: only at the end)."""
     eval_max_sequences: int | None = Field(None, gt=0)
-    """Evaluate on at most this many eval sequences (null: all)."""
+    """Evaluate on at most this many eval sequences, evenly spaced over the split (null: all)."""
     save_steps: int = Field(0, ge=0)
     """Checkpoint every N optimizer steps (0: only at the end)."""
     keep_checkpoints: int = Field(2, gt=0)

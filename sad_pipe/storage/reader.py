@@ -209,8 +209,8 @@ class CacheDataset(IterableDataset):
         self.split, self.batch_size, self.schedule = split, batch_size, schedule
         self.seed, self.shuffle, self.drop_last, self.buffer_chunks = seed, shuffle, drop_last, buffer_chunks
         self.rank, self.world_size = rank, world_size
-        n = self.reader.sequences(split)
-        self.n = min(n, limit) if limit else n
+        self.available = self.reader.sequences(split)
+        self.n = min(self.available, limit) if limit else self.available
         self.epoch, self.start_batch = 0, 0
         self._chunks: OrderedDict = OrderedDict()
 
@@ -264,7 +264,10 @@ class CacheDataset(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        order = epoch_order(self.n, self.reader.chunk_rows, self.buffer_chunks, self.seed, self.epoch, self.shuffle)
+        if self.shuffle or self.n == self.available:
+            order = epoch_order(self.n, self.reader.chunk_rows, self.buffer_chunks, self.seed, self.epoch, self.shuffle)
+        else:  # an eval limit: spread over the whole split, since neighbouring sequences share a document
+            order = np.linspace(0, self.available - 1, self.n).round().astype(np.int64)
         per_epoch = self.batches_per_epoch()
         for b in range(self.start_batch, per_epoch):
             if (b - self.start_batch) % workers == worker:

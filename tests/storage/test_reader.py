@@ -13,7 +13,7 @@ from sad_pipe.errors import CacheError
 from sad_pipe.storage.codecs import decode_topk, torch_view
 from sad_pipe.storage.fs import CacheFS
 from sad_pipe.storage.manifest import read_commits, topk_scheme
-from sad_pipe.storage.reader import CacheReader
+from sad_pipe.storage.reader import CacheDataset, CacheReader, FieldSchedule
 
 from .builders import build_cache, make_identity, plan_cache, stored_names, write_missing
 
@@ -187,3 +187,14 @@ def test_a_truncated_file_is_refused_before_zarr_reads_it(small_cache, tmp_path)
     os.truncate(path, os.path.getsize(path) // 2)
     with pytest.raises(CacheError, match=f"{shard_dir}/lse/c/0/0/0: \\d+ bytes, the commit says \\d+ bytes"):
         CacheReader(url).read("train", 0, 4, {"lse"})
+
+
+def test_an_eval_limit_spreads_over_the_split_instead_of_taking_its_first_sequences(tmp_path):
+    # Neighbouring sequences come from the same document: the first N would score one document.
+    url = str(tmp_path / "cache")
+    build_cache(url, make_identity(), {"train": 40, "eval": 40})
+    ds = CacheDataset(url, "eval", 4, FieldSchedule(always={"input_ids"}), shuffle=False, drop_last=False, limit=8)
+    seen = np.concatenate([b["sequence_ids"].numpy() for b in ds])
+    assert seen.tolist() == [0, 6, 11, 17, 22, 28, 33, 39]
+    full = CacheDataset(url, "eval", 4, FieldSchedule(always={"input_ids"}), shuffle=False, drop_last=False)
+    assert np.concatenate([b["sequence_ids"].numpy() for b in full]).tolist() == list(range(40))
