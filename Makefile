@@ -41,8 +41,10 @@ test-slow: install
 
 include demo.mk
 
+# e.g. make bench BENCH_ARGS="--device cuda" or BENCH_ARGS="--only kd-loss"
+BENCH_ARGS ?=
 bench: install
-	$(SAD) bench --output bench
+	$(SAD) bench --output bench $(BENCH_ARGS)
 
 clean: clean-demo
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -6,6 +6,7 @@ error. User mistakes print one line (or one line per config key), never a traceb
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
@@ -29,15 +30,38 @@ class _Failure(click.ClickException):
         click.echo(f"error: {self.format_message()}", err=True)
 
 
+def _close_progress_bars() -> None:
+    """A failure leaves its stage's tqdm bar open mid-line: close it, so the error starts a line of its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
+def _failure(exc: BaseException) -> _Failure | None:
+    """The one-line message and exit code of an expected failure; None for a bug (which keeps its traceback)."""
+    if isinstance(exc, SadPipeError):
+        return _Failure(str(exc), exc.exit_code)
+    if isinstance(exc, KeyboardInterrupt):
+        return _Failure("interrupted; committed work is kept, re-run the same command to resume", 130)
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = f" writing {exc.filename}" if exc.filename else ""
+        return _Failure(f"no space left on device{where}; committed work is kept (the part being written is not): "
+                        "free some space and re-run the same command to resume", 1)
+    return None
+
+
 def _reporting_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except SadPipeError as exc:
-            raise _Failure(str(exc), exc.exit_code) from None
-        except KeyboardInterrupt:
-            raise _Failure("interrupted; committed work is kept, re-run the same command to resume", 130) from None
+        except (SadPipeError, KeyboardInterrupt, OSError) as exc:
+            failure = _failure(exc)
+            if failure is None:
+                raise
+            _close_progress_bars()
+            raise failure from None
     return wrapper
 
 
@@ -174,10 +198,15 @@ def verify_cmd(cache, full, repair, as_json):
 @_reporting_errors
 def gc_cmd(cache):
     """Remove temporary and uncommitted files; never run it while cache-teacher writes to CACHE."""
+    from sad_pipe.errors import CacheError
     from sad_pipe.storage.fs import CacheFS
     from sad_pipe.storage.verify import collect_garbage
 
-    result = collect_garbage(CacheFS(cache))
+    fs = CacheFS(cache)
+    if not fs.exists("plan.json"):  # gc deletes what no plan names: never in a directory that is not a cache
+        raise CacheError(f"{cache}: no plan.json, not a sad-pipe cache; gc deletes only inside a cache "
+                         "(re-running cache-teacher cleans up after a run that stopped before its plan)")
+    result = collect_garbage(fs)
     click.echo(f"removed {len(result['removed'])} leftovers, freed {result['bytes']:,} bytes")
 
 

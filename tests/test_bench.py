@@ -42,7 +42,16 @@ def test_quick_suite_writes_results_json(quick_run):
             assert f["met"] in (True, False, None)
         assert bench["tables"] and all(len(r) == len(t["columns"]) for t in bench["tables"] for r in t["rows"])
     assert set(BENCHMARKS) | {"total"} <= set(results["elapsed"])
-    assert not [p for p in out.iterdir() if p.name.startswith(".work-")], "the temporary work directory was left behind"
+    assert not (out / "work").exists(), "the temporary work directory was left behind"
+
+
+def test_kd_loss_benchmark_compares_equal_results(quick_run):
+    """The memory figure is only worth something if both versions computed the same loss and gradients."""
+    out, _ = quick_run
+    data = json.loads((out / "results.json").read_text())["benchmarks"]["kd-loss"]["data"]
+    assert set(data["max_abs_difference"]) == {"ce", "kd", "grad_hidden", "grad_weight"}
+    for name, diff in data["max_abs_difference"].items():
+        assert diff <= 1e-4 * max(data["max_abs_value"][name], 1e-6), name
 
 
 def test_quick_suite_writes_markdown_table(quick_run):

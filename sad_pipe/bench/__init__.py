@@ -7,13 +7,17 @@
     kd-loss        chunked CE + KD at V = 128k vs the full [N, V] fp32 version          (kd_loss.py)
 
 Everything is built offline inside the run (assets.py): corpus, tokenizers, teachers, caches.
-results.json holds every repetition; results.md the tables. SAD_PIPE_BENCH_WORK=DIR keeps the work
-directory (assets are then reused by the next run, e.g. with --only); by default it is a temporary
-directory under the output, removed at the end.
+results.json holds every repetition; results.md the tables. Environment:
+    SAD_PIPE_BENCH_THREADS  torch threads of the bench and its subprocesses (default 1: on a small
+                            machine shared with other work, OpenMP threads spinning against other
+                            processes made timings several times slower and erratic; ratios are what count)
+    SAD_PIPE_BENCH_WORK     keep the work directory there (assets are then reused by the next run, e.g.
+                            with --only); by default a temporary directory under OUTPUT/work/, removed at the end.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import importlib
 import json
@@ -38,6 +42,13 @@ BENCHMARKS = {
     "kd-loss": "sad_pipe.bench.kd_loss",
 }
 QUIET_ENV = {"TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+def _threads() -> int:
+    value = os.environ.get("SAD_PIPE_BENCH_THREADS", "1")
+    if not value.isdigit() or int(value) < 1:
+        raise ConfigError(f"SAD_PIPE_BENCH_THREADS={value!r}: expected a positive integer")
+    return int(value)
 
 
 def _check(device: str, only: list[str], repeats: int) -> list[str]:
@@ -65,6 +76,8 @@ def _command(device: str, only: list[str], repeats: int, quick: bool, output: Pa
 def run_benchmarks(output: Path, device: str = "cpu", only: list[str] | None = None, repeats: int = 3,
                    quick: bool = False) -> str:
     """Run the selected benchmarks, write output/results.json and output/results.md; return the Markdown."""
+    import torch
+
     from sad_pipe.bench import report
     from sad_pipe.bench.assets import Assets
     from sad_pipe.bench.machine import describe, load_average
@@ -72,22 +85,30 @@ def run_benchmarks(output: Path, device: str = "cpu", only: list[str] | None = N
 
     only = list(only or [])
     names = _check(device, only, repeats)
+    threads = _threads()
     if quick and repeats > 1:  # quick checks that the suite runs; its figures are not worth repeating
         _progress(f"--quick: 1 repetition instead of {repeats}")
         repeats = 1
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    saved_env = {k: os.environ.get(k) for k in QUIET_ENV}
-    os.environ.update(QUIET_ENV)  # progress bars and hub lookups of the stages driven in this process
+    # Quiet progress bars, no hub lookups, and the thread count, here and in every subprocess.
+    env = {**QUIET_ENV, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    saved_env, saved_threads = {k: os.environ.get(k) for k in env}, torch.get_num_threads()
+    os.environ.update(env)
+    torch.set_num_threads(threads)
     keep = os.environ.get("SAD_PIPE_BENCH_WORK")
-    work = Path(keep) if keep else Path(tempfile.mkdtemp(prefix=".work-", dir=output))
-    work.mkdir(parents=True, exist_ok=True)
+    if keep:
+        work = Path(keep)
+        work.mkdir(parents=True, exist_ok=True)
+    else:  # under OUTPUT/work/ (git-ignored for the default output), removed at the end
+        (output / "work").mkdir(exist_ok=True)
+        work = Path(tempfile.mkdtemp(dir=output / "work"))
     profile = "quick" if quick else "full"
     ctx = Context(work=work / profile, device=device, repeats=repeats, quick=quick,
                   assets=Assets(work / profile / "assets", profile, device))
     results = {
         "machine": describe(device),
-        "settings": {"device": device, "repeats": repeats, "quick": quick, "only": only,
+        "settings": {"device": device, "repeats": repeats, "quick": quick, "only": only, "threads": threads,
                      "command": _command(device, only, repeats, quick, output),
                      "started": datetime.datetime.now().isoformat(timespec="seconds")},
         "benchmarks": {}, "elapsed": {},
@@ -124,6 +145,7 @@ def run_benchmarks(output: Path, device: str = "cpu", only: list[str] | None = N
         (output / "results.json").write_text(json.dumps(report.to_json(results), indent=1, default=str) + "\n")
         (output / "results.md").write_text(text)
     finally:
+        torch.set_num_threads(saved_threads)
         for k, v in saved_env.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -131,6 +153,8 @@ def run_benchmarks(output: Path, device: str = "cpu", only: list[str] | None = N
                 os.environ[k] = v
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
+            with contextlib.suppress(OSError):  # only if no other run is using it
+                (output / "work").rmdir()
     _progress(f"total {time.perf_counter() - start:.1f} s; results in {output / 'results.md'}")
     if failed:
         raise SadPipeError(f"benchmarks failed: {', '.join(failed)} (details in {output / 'results.md'})")

@@ -17,6 +17,8 @@ import shutil
 import statistics
 from pathlib import Path
 
+import torch
+
 from sad_pipe.bench.assets import llama_config
 from sad_pipe.bench.measure import Context, Figure, Result, Table, interleaved, paired, run_isolated, spread
 
@@ -53,13 +55,21 @@ def cache_sequences(ctx: Context) -> int:
 
 def train_job(args: dict, meter) -> dict:
     """In the worker process: one train-student run. Everything the run imports is imported before
-    the meter's baseline (matplotlib included, which draws the plots at the end)."""
+    the meter's baseline: matplotlib (the plots at the end), the tokenizer classes and the model's
+    modelling code (transformers imports both lazily, ~150 MB of resident code and data that are no
+    part of training's memory)."""
+    import importlib
+
     import matplotlib.pyplot  # noqa: F401
 
     from sad_pipe.bench.assets import quiet, run_config
+    from sad_pipe.pipeline.models import load_tokenizer
     from sad_pipe.stages import train_student
 
     cfg = run_config(args["config"])
+    for kind in {(cfg.student.config or {}).get("model_type"), "llama"} - {None}:  # the student's, the bench teacher's
+        importlib.import_module(f"transformers.models.{kind}.modeling_{kind}")
+    load_tokenizer(str(Path(cfg.cache.path) / "tokenizer"))
     meter.start()
     with quiet():
         result = train_student.run(cfg)
@@ -118,6 +128,19 @@ def run(ctx: Context) -> Result:
                      + ("Memory is torch.cuda.max_memory_allocated." if cuda else
                         "Total peak RSS includes the ~hundreds of MB every process holds after importing torch and "
                         "transformers, which dilutes the ratio; the figure with the target is the peak above that "
-                        "baseline (RSS after imports), i.e. what training itself adds."))
+                        "baseline (RSS after imports, the modelling code and tokenizer classes included), i.e. what "
+                        "training itself adds."))
+    from sad_pipe.pipeline.models import resolve_dtype
+
+    width = torch.finfo(resolve_dtype("auto", torch.device(ctx.device))).bits // 8
+    weights_mb = teacher.parameters * width / 2**20
+    logits_mb = sizes["batch"] * ctx.assets.max_length * teacher.vocab * 4 / 2**20
+    added = statistics.median(above["online"]) - statistics.median(above["cache"])
+    res.notes.append(f"What online KD holds on top of training from the cache is the teacher: {weights_mb:,.0f} MB of weights "
+                     f"and its fp32 logits of a micro-batch, [{sizes['batch'] * ctx.assets.max_length:,}, {teacher.vocab:,}] = "
+                     f"{logits_mb:,.0f} MB (plus temporaries). Measured: {added / 2**20:,.0f} MB more at the peak. Both "
+                     "variants share the student's own peak (weights, AdamW state, activations, and the vocabulary-sized "
+                     "loss tensors of one chunk of loss.chunk_tokens positions), so the ratio approaches the target only "
+                     "when the teacher is large next to that (a real teacher's weights alone take GBs).")
     res.data = {"runs": runs, "student_parameters": student, "teacher_parameters": teacher.parameters}
     return res

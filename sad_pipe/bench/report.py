@@ -46,8 +46,8 @@ def markdown(results: dict) -> str:
     m, s = results["machine"], results["settings"]
     lines = [
         "# sad-pipe benchmarks", "",
-        f"Machine: {summary_line(m)}. Device: {s['device']}. Load average (1 min) at start {m['load_average_start']}, "
-        f"at end {s['load_average_end']}.",
+        f"Machine: {summary_line(m)}. Device: {s['device']}. Load average (1 min, all processes on the machine) "
+        f"at start {m['load_average_start']}, at end {s['load_average_end']}.",
         f"Command: `{s['command']}` ({'quick sizes: checks that the suite runs, figures not worth quoting' if s['quick'] else 'full sizes'}; "
         f"{s['repeats']} repetitions, medians of per-repetition paired ratios; started {s['started']}).", "",
         "## Summary", "", *_table(SUMMARY_COLUMNS, summary_rows(results)), "",
@@ -61,12 +61,12 @@ def markdown(results: dict) -> str:
             lines += [f"**{table.title}**", "", *_table(table.columns, table.rows), ""]
         lines += [f"- {note}" for note in bench.get("notes", [])]
         lines.append("")
-    cores = m["cores"] or 1
     lines += ["## Run time", "", *_table(["part", "wall seconds", "CPU seconds", "load average at end"],
                                          [[k, f"{v['seconds']:.1f}", f"{v['cpu_seconds']:.1f}", str(v.get("load_average_end", "-"))]
                                           for k, v in results["elapsed"].items()]), "",
               f"CPU seconds include the benchmarks' subprocesses. On a busy machine wall time stretches and CPU time "
-              f"barely does: CPU seconds ÷ {cores} cores is a floor for the wall time on an idle machine.", ""]
+              f"barely does: with {s['threads']} torch thread(s), one process at a time, CPU seconds ÷ {s['threads']} is "
+              "about the wall time on an idle machine.", ""]
     return "\n".join(lines)
 
 

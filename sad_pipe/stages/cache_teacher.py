@@ -161,6 +161,8 @@ class TeacherRunner:
 
         Only these cross to the host: top-k, lse and the selected layers, never [B, T, V] logits."""
         b, t = input_ids.shape
+        # transformers 5 records hidden states with forward hooks (utils/output_capturing) and, given a
+        # list of indices, keeps only those: the other layers' outputs are never held.
         hidden = list(self.layers) or False
         if self.fused:
             out = self.model.base_model(input_ids=input_ids, use_cache=False, output_hidden_states=hidden)
@@ -521,7 +523,9 @@ def _open_cache(cfg: Config, identity: dict) -> tuple[CacheFS, Plan | None]:
     plan = read_plan(cache)
     if plan is not None:
         check_identity(plan.identity, identity, cfg.cache.path)
-    elif [n for n in cache.listdir("") if n not in ("_tmp", "tokens", "commits", "shards")]:
+    # What a run killed before creating plan.json leaves (gc removes it, the tokenizer is rewritten).
+    elif [n for n in cache.listdir("") if n not in ("_tmp", "tokens", "commits", "shards", "tokenizer")
+          and not n.endswith(".partial")]:
         raise ConfigError(f"cache.path {cfg.cache.path}: directory is not empty and holds no sad-pipe cache; "
                           "choose a new or empty directory")
     return cache, plan
@@ -544,11 +548,15 @@ def run(cfg: Config, *, dry_run: bool = False) -> dict:
         collect_garbage(cache)  # leftovers of an earlier crash; no other writer runs before the barrier
         if plan is None:
             plan = _create(cfg, cache, tokenizer, identity)
+        if not cache.exists("config.json"):  # verify --repair reruns it; a kill may come right after plan.json
+            cache.write_atomic("config.json", (json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
     distributed.barrier()
     plan = read_plan(cache)
     todo = [(s, i) for s, i in missing_shards(plan, read_commits(cache)) if i % world == rank]
     figures = {"forward_seconds": 0.0, "fill_seconds": 0.0, "tokens": 0, "committed": 0}
     runner = _runner(cfg, teacher, device, identity)
+    if rank == 0 and runner is not None:
+        _check_free_space(cache, plan, missing_shards(plan, read_commits(cache)))
     if runner is not None and todo:
         log.info("teacher: %d shards to write (%d already committed)", len(todo),
                  sum(len(v["shards"]) for v in plan.splits.values()) - len(missing_shards(plan, read_commits(cache))))
@@ -570,15 +578,27 @@ def run(cfg: Config, *, dry_run: bool = False) -> dict:
     return summary
 
 
+def _check_free_space(cache: CacheFS, plan: Plan, todo: list[tuple[str, int]]) -> None:
+    """Warn (never fail) when the shards still to write may not fit on the cache's disk. The projection is
+    their uncompressed size from the plan: an upper bound, since compression only makes them smaller."""
+    if not cache.is_local or not todo:
+        return
+    rows = sum(plan.splits[s]["shards"][i][1] - plan.splits[s]["shards"][i][0] for s, i in todo)
+    need = rows * plan.identity["packing"]["max_length"] * sum(spec.bytes_per_token for spec in plan.arrays)
+    free = shutil.disk_usage(cache.root).free
+    if need > free:
+        log.warning("warning: cache.path %s: %s bytes free, but the %d shards still to write may need up to %s bytes "
+                    "(uncompressed), so the cache may not fit. If the disk fills, the shard being written is not "
+                    "committed: free some space and re-run the same command to resume",
+                    cache.url, f"{free:,}", len(todo), f"{need:,}")
+
+
 def _create(cfg: Config, cache: CacheFS, tokenizer, identity: dict) -> Plan:
     created_root = not cache.exists("")
     try:
         plan = _pack(cfg, cache, tokenizer, identity)
-        if not cache.exists("tokenizer/tokenizer_config.json"):
-            _save_tokenizer(cache, tokenizer)
-        plan = create_plan(cache, plan)
-        cache.write_atomic("config.json", (json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
-        return plan
+        _save_tokenizer(cache, tokenizer)  # always: files a killed earlier attempt left may be partial or another's
+        return create_plan(cache, plan)
     except BaseException:
         if created_root and cache.is_local and not cache.exists("plan.json"):
             shutil.rmtree(cache.root, ignore_errors=True)  # nothing was committed: leave no trace

@@ -8,13 +8,21 @@ Only three operations need care to keep a cache correct after a crash:
 - `move`: publish a finished directory under its final name (a rename locally, copy+delete on
   object stores; either way it is only *visible* once its commit record exists).
 Everything else is a thin pass-through to fsspec.
+
+On an object store several processes (torchrun ranks, other hosts) write the same cache, so fsspec's
+directory-listing cache is turned off: a listing must show what the others committed since.
+Credentials and endpoints come from the store's usual settings (for S3: the AWS_* environment
+variables or ~/.aws, e.g. AWS_ENDPOINT_URL for MinIO or another S3-compatible store).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import posixpath
+import tempfile
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -37,10 +45,23 @@ class CacheFS:
 
     def __init__(self, url: str | Path):
         self.url = str(url)
-        self.fs, self.root = fsspec.core.url_to_fs(self.url)
-        self.is_local = isinstance(self.fs, fsspec.implementations.local.LocalFileSystem)
+        fs, self.root = fsspec.core.url_to_fs(self.url)
+        self.is_local = isinstance(fs, fsspec.implementations.local.LocalFileSystem)
+        self._options: dict = {}
         if self.is_local:
             self.root = os.path.abspath(self.root)
+        else:  # other processes write here too: never answer a listing from memory
+            self._options = {"use_listings_cache": False}
+            fs, self.root = fsspec.core.url_to_fs(self.url, **self._options)
+        self._fs, self._pid = fs, os.getpid()
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        """The fsspec filesystem, made anew in a forked process (a DataLoader worker): the async clients of
+        object stores (s3fs, gcsfs) refuse to run after a fork."""
+        if self._pid != os.getpid():
+            self._fs, self._pid = fsspec.core.url_to_fs(self.url, **self._options)[0], os.getpid()
+        return self._fs
 
     # -- paths -----------------------------------------------------------------------------
     def path(self, rel: str = "") -> str:
@@ -64,6 +85,8 @@ class CacheFS:
             return json.loads(self.read_bytes(rel))
         except json.JSONDecodeError as exc:
             raise CacheError(f"{self.path(rel)}: not valid JSON ({exc.msg}); the file is damaged") from None
+        except UnicodeDecodeError:  # json.loads decodes bytes first: a flipped byte may not be UTF-8 at all
+            raise CacheError(f"{self.path(rel)}: not valid JSON (not UTF-8); the file is damaged") from None
 
     def listdir(self, rel: str) -> list[str]:
         """Names (not paths) directly inside `rel`; [] if it does not exist."""
@@ -86,6 +109,21 @@ class CacheFS:
 
     def open(self, rel: str, mode: str = "rb"):
         return self.fs.open(self.path(rel), mode)
+
+    @contextlib.contextmanager
+    def local_dir(self, rel: str):
+        """A local directory with the files below `rel`, for libraries that open only local paths (a
+        tokenizer): the directory itself in a local cache, else a temporary copy deleted on exit."""
+        if self.is_local:
+            yield self.path(rel)
+            return
+        with tempfile.TemporaryDirectory(prefix="sad-pipe-") as tmp:
+            for name in self.walk_files(rel):
+                dest = os.path.join(tmp, *name.split("/"))
+                os.makedirs(os.path.dirname(dest), exist_ok=True)
+                with open(dest, "wb") as f:
+                    f.write(self.read_bytes(f"{rel}/{name}"))
+            yield tmp
 
     # -- writing -------------------------------------------------------------------------------
     def makedirs(self, rel: str) -> None:
@@ -116,11 +154,7 @@ class CacheFS:
     def create_if_absent(self, rel: str, data: bytes) -> bool:
         """Create `rel` with `data` unless it exists. True if this call created it."""
         if not self.is_local:
-            try:
-                self.fs.pipe_file(self.path(rel), data, mode="create")
-                return True
-            except FileExistsError:
-                return False
+            return self._create_remote(rel, data)
         tmp = self._local_temp_write(rel, data)
         try:
             os.link(tmp, self.path(rel))  # atomic and exclusive: never a half-written record
@@ -131,6 +165,29 @@ class CacheFS:
             os.unlink(tmp)
         _fsync_dir(os.path.dirname(self.path(rel)))
         return created
+
+    def _create_remote(self, rel: str, data: bytes, attempts: int = 4) -> bool:
+        """A conditional PUT (`If-None-Match: *`): the store creates the object only if it is absent.
+
+        A store answers a lost race with FileExistsError (HTTP 412). Any other failure (a timeout, a
+        409 while a concurrent conditional write is in flight) leaves the outcome unknown: the object
+        is read back, and it is ours only if it holds our bytes (records are unique: directory uuid,
+        host, pid, time); absent, the PUT is tried again."""
+        path = self.path(rel)
+        for attempt in range(attempts):
+            try:
+                self.fs.pipe_file(path, data, mode="create")
+                return True
+            except FileExistsError:
+                return False
+            except OSError:
+                try:
+                    return self.fs.cat_file(path) == data
+                except FileNotFoundError:
+                    if attempt == attempts - 1:
+                        raise
+                    time.sleep(0.2 * 2 ** attempt)
+        raise AssertionError("unreachable")
 
     def create_json_if_absent(self, rel: str, obj: Any) -> bool:
         return self.create_if_absent(rel, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
@@ -154,8 +211,15 @@ class CacheFS:
             os.makedirs(os.path.dirname(self.path(dst)), exist_ok=True)
             os.rename(self.path(src), self.path(dst))
             _fsync_dir(os.path.dirname(self.path(dst)))
-        else:
-            self.fs.mv(self.path(src), self.path(dst), recursive=True)
+        else:  # no rename: copy object by object (server side), then delete the originals
+            base = self.path(src)
+            files = sorted(self.fs.find(base))
+            if not files:
+                raise FileNotFoundError(base)
+            # fs.mv(recursive=True) also tries to copy the "directories" of the listing, which an
+            # object store does not have (FileNotFoundError): copy the objects themselves.
+            self.fs.copy(files, [self.path(dst) + f[len(base):] for f in files])
+            self.fs.rm(base, recursive=True)
 
     def remove(self, rel: str) -> None:
         path = self.path(rel)

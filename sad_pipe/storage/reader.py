@@ -14,6 +14,7 @@ decoding into plausible-looking garbage.
 from __future__ import annotations
 
 import math
+import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -55,6 +56,7 @@ class CacheReader:
         for info in self.plan.tokens.values():
             self.cache.path(info["dir"])
         self._groups: dict = {}
+        self._pid = os.getpid()
 
     # -- what is in it ------------------------------------------------------------------------
     def sequences(self, split: str) -> int:
@@ -95,6 +97,8 @@ class CacheReader:
     def _group(self, rel: str, expected: dict | None):
         import zarr
 
+        if self._pid != os.getpid():  # a forked DataLoader worker: the parent's object-store clients fail here
+            self._groups, self._pid = {}, os.getpid()
         group = self._groups.get(rel)
         if group is None:
             if expected is not None:

@@ -9,6 +9,7 @@ cache-teacher run re-creates it whole (shards are never patched in place).
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 from dataclasses import dataclass, field
@@ -150,14 +151,24 @@ def verify(url: str, full: bool = False) -> VerifyReport:
     plan = read_plan(cache)
     if plan is None:
         raise CacheError(f"{url}: no plan.json; not a sad-pipe cache")
-    commits = read_commits(cache)
+    commits = _read_commits(cache, full, report)
     manifest = None
     if cache.exists("manifest.json"):
-        manifest = cache.read_json("manifest.json")
         try:
+            manifest = _read_record(cache, "manifest.json", full)
             check_format(manifest, cache.path("manifest.json"))
         except CacheError as exc:
             report.add("cache", str(exc))
+            manifest = None
+    if full:  # plan.json has no hash of its own; the manifest holds a copy of it
+        try:
+            _read_record(cache, "plan.json", full)
+        except CacheError as exc:
+            report.add("cache", str(exc))
+        if manifest is not None:
+            differ = [key for key, value in plan.to_json().items() if manifest.get(key) != value]
+            if differ:
+                report.add("cache", f"manifest.json and plan.json differ in {', '.join(differ)}")
     max_length = plan.identity["packing"]["max_length"]
     vocab = (plan.identity["teacher"] or {}).get("vocab_size", plan.identity["tokenizer"]["size"])
     for split, info in plan.tokens.items():
@@ -173,12 +184,16 @@ def verify(url: str, full: bool = False) -> VerifyReport:
             where = f"{split}/{shard}"
             record = commits.get((split, shard))
             if record is None:
-                report.add(where, f"no commit record ({commit_name(split, shard)})")
+                if where not in report.problems:  # else its record is there but unreadable, already said
+                    report.add(where, f"no commit record ({commit_name(split, shard)})")
                 continue
             report.shards_checked += 1
             if record.get("sequences") != [a, b]:
                 report.add(where, f"commit covers sequences {record.get('sequences')}, the plan says {[a, b]}")
                 continue
+            if full and record.get("stats", {}).get("tokens") != (b - a) * max_length:
+                report.add(where, f"commit record says {record.get('stats', {}).get('tokens')} tokens, the plan "
+                                  f"{(b - a) * max_length}")
             try:
                 cache.path(record["dir"])
             except CacheError as exc:
@@ -191,9 +206,42 @@ def verify(url: str, full: bool = False) -> VerifyReport:
                 _check_arrays(cache, record["dir"], plan.arrays, (a, b), max_length, vocab, plan.identity["values"],
                               report, where)
     if manifest is not None and full:
-        _check_index(cache, plan, report)
+        _check_index(cache, plan, commits, report)
+    if full and cache.exists("tokenizer"):
+        _check_tokenizer(cache, plan, report)
+    if not cache.exists("manifest.json"):
+        report.add("cache", "no manifest.json: the cache is incomplete; re-run the same cache-teacher command to finish it")
     report.complete = manifest is not None and not report.damaged_shards()
     return report
+
+
+def _read_record(cache: CacheFS, rel: str, full: bool):
+    """A JSON record; with `full`, also in the one form the writer gives it (storage/README.md), so an edit or
+    damage that still parses (a lost newline, changed spacing) is reported too."""
+    obj = cache.read_json(rel)
+    if full and cache.read_bytes(rel) != (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode():
+        raise CacheError(f"{rel}: not byte for byte as written (edited or damaged)")
+    return obj
+
+
+def _read_commits(cache: CacheFS, full: bool, report: VerifyReport) -> dict[tuple[str, int], dict]:
+    """Like manifest.read_commits, but an unreadable or malformed record is a problem of its shard, not an error."""
+    out = {}
+    for name in cache.listdir("commits"):
+        split, _, num = name.removesuffix(".json").rpartition("-")
+        if not name.endswith(".json") or split not in SPLITS or not num.isdigit():
+            continue
+        try:
+            record = _read_record(cache, f"commits/{name}", full)
+            if not (isinstance(record, dict) and record.get("split") == split and record.get("shard") == int(num)
+                    and isinstance(record.get("dir"), str) and isinstance(record.get("files"), dict)
+                    and all(isinstance(f, dict) and {"size", "sha256"} <= set(f) for f in record["files"].values())):
+                raise CacheError(f"commits/{name}: not a commit record of {split}/{int(num)}")
+        except CacheError as exc:
+            report.add(f"{split}/{int(num)}", str(exc))
+            continue
+        out[(split, int(num))] = record
+    return out
 
 
 def _check_tokens(cache, rel, rows, max_length, tokenizer_size, vocab, report, where) -> None:
@@ -213,30 +261,60 @@ def _check_tokens(cache, rel, rows, max_length, tokenizer_size, vocab, report, w
         report.add(where, f"input_ids unreadable ({type(exc).__name__}: {str(exc)[:200]})")
 
 
-def _check_index(cache: CacheFS, plan: Plan, report: VerifyReport) -> None:
+def _check_tokenizer(cache: CacheFS, plan: Plan, report: VerifyReport) -> None:
+    """The cache's tokenizer/ has no hashes of its own: it must load and tokenize as the plan's fingerprint says."""
+    from sad_pipe.pipeline.models import load_tokenizer, tokenizer_fingerprint
+
+    try:
+        with cache.local_dir("tokenizer") as path:
+            found = tokenizer_fingerprint(load_tokenizer(path))
+    except Exception as exc:  # noqa: BLE001 - whatever a damaged file makes the tokenizer library raise
+        report.add("cache", f"tokenizer/: cannot load ({type(exc).__name__}: {str(exc)[:200]})")
+        return
+    if found != plan.identity["tokenizer"]["sha256"]:
+        report.add("cache", f"tokenizer/: fingerprint {found[:12]}, the plan says {plan.identity['tokenizer']['sha256'][:12]}")
+
+
+def _check_index(cache: CacheFS, plan: Plan, commits: dict, report: VerifyReport) -> None:
+    """A checksummed read with the plan's row count, then the file itself against the one finalize would write
+    now: Parquet checksums its pages but not its footer (statistics, schema), so a flip there reads silently.
+    A file from another pyarrow version differs in its footer anyway; then only the rows are compared."""
     import io
 
     import pyarrow.parquet as pq
 
+    from sad_pipe.storage.writer import index_bytes
+
     for split, info in plan.splits.items():
+        rel = f"index/{split}.parquet"
         try:
-            table = pq.read_table(io.BytesIO(cache.read_bytes(f"index/{split}.parquet")), page_checksum_verification=True)
+            raw = cache.read_bytes(rel)
+            table = pq.read_table(io.BytesIO(raw), page_checksum_verification=True)
             if table.num_rows != info["sequences"]:
-                report.add("cache", f"index/{split}.parquet: {table.num_rows} rows, the plan has {info['sequences']}")
+                report.add("cache", f"{rel}: {table.num_rows} rows, the plan has {info['sequences']}")
+                continue
+            expected = index_bytes(cache, plan, split, commits)
+            if raw != expected:
+                versions = {pq.ParquetFile(io.BytesIO(b)).metadata.created_by for b in (raw, expected)}
+                if len(versions) == 1 or not table.equals(pq.read_table(io.BytesIO(expected))):
+                    report.add("cache", f"{rel}: differs from the index the plan and the commit records give")
         except Exception as exc:
-            report.add("cache", f"index/{split}.parquet: unreadable ({type(exc).__name__}: {str(exc)[:200]})")
+            report.add("cache", f"{rel}: unreadable ({type(exc).__name__}: {str(exc)[:200]})")
 
 
 def drop_shards(url: str, shards: list[tuple[str, int]]) -> None:
     """Un-commit damaged shards (and the manifest) so the next cache-teacher run re-creates them whole."""
     cache = CacheFS(url)
-    commits = read_commits(cache)
+    commits = _read_commits(cache, False, VerifyReport(url, False))  # a damaged record is simply dropped
     cache.remove("manifest.json")
     for split, shard in shards:
         record = commits.get((split, shard))
         cache.remove(commit_name(split, shard))
-        if record is not None:
-            cache.remove(record["dir"])
+        if record is not None:  # else its directory is garbage now: the next run's gc removes it
+            try:
+                cache.remove(record["dir"])
+            except CacheError:  # a record naming a path outside the cache: never delete there
+                log.warning("repair: %s names %r, outside the cache; left alone", commit_name(split, shard), record["dir"])
 
 
 def collect_garbage(cache: CacheFS) -> dict:

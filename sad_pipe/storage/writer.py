@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 import socket
 import uuid
@@ -37,6 +38,7 @@ from sad_pipe.storage.manifest import (
 )
 
 HASH_BLOCK = 1 << 20
+log = logging.getLogger(__name__)
 
 
 def sha256_file(cache: CacheFS, rel: str) -> str:
@@ -145,8 +147,8 @@ class ShardWriter:
 
     def abort(self) -> None:
         self.buffers = {}
-        self.cache.remove(self.tmp)
         self.done = True
+        _discard(self.cache, self.tmp)
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -207,7 +209,17 @@ class TokenWriter:
         return {"dir": final, "sequences": self.sequences, "files": files}
 
     def abort(self) -> None:
-        self.cache.remove(self.tmp)
+        _discard(self.cache, self.tmp)
+
+
+def _discard(cache: CacheFS, tmp: str) -> None:
+    """Best-effort removal of an aborted write's _tmp directory. It runs while an error propagates, and zarr's
+    writer threads may still be finishing in there (one failed write, e.g. a full disk, does not stop the others):
+    a failure here must not replace the error being reported. What stays is garbage that gc removes."""
+    try:
+        cache.remove(tmp)
+    except OSError as exc:
+        log.debug("could not remove %s (%s); gc will", tmp, exc)
 
 
 def _check_shard_table(plan: Plan) -> None:
@@ -221,6 +233,14 @@ def _check_shard_table(plan: Plan) -> None:
         regular = [[a, min(a + per_shard, n)] for a in range(0, n, per_shard)]
         if info["shards"] != regular and not (info["shards"] == [] and not plan.arrays):
             raise CacheError(f"plan.json: splits.{split}.shards is not [[0, {per_shard}], [{per_shard}, ...], ..., [.., {n}]]")
+
+
+def index_bytes(cache: CacheFS, plan: Plan, split: str, commits: dict) -> bytes:
+    """index/<split>.parquet as finalize writes it (verify --full rebuilds it to compare)."""
+    buf = io.BytesIO()
+    # Page checksums: a flipped bit in the index is an error, not a silent wrong row.
+    pq.write_table(_index_table(cache, plan, split, commits), buf, write_page_checksum=True)
+    return buf.getvalue()
 
 
 def create_plan(cache: CacheFS, plan: Plan) -> Plan:
@@ -267,10 +287,7 @@ def finalize(cache: CacheFS, summary: dict) -> dict:
     for split in SPLITS:
         if split not in plan.splits:
             continue
-        buf = io.BytesIO()
-        # Page checksums: a flipped bit in the index is an error, not a silent wrong row.
-        pq.write_table(_index_table(cache, plan, split, commits), buf, write_page_checksum=True)
-        cache.write_atomic(f"index/{split}.parquet", buf.getvalue())
+        cache.write_atomic(f"index/{split}.parquet", index_bytes(cache, plan, split, commits))
     manifest = plan.to_json()
     manifest["shards"] = {
         split: [commits[(split, i)]["dir"] for i in plan.shard_ids(split)] for split in plan.splits

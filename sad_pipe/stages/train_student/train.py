@@ -97,6 +97,18 @@ class DistillModel(nn.Module):
         return out.last_hidden_state, states, routed
 
 
+class DistillLoss(nn.Module):
+    """What DDP wraps: the whole loss of a batch in one forward. DDP must see every use of a parameter
+    inside its forward; the LM head is applied by the chunked vocabulary loss, after DistillModel."""
+
+    def __init__(self, core: DistillModel):
+        super().__init__()
+        self.core = core
+
+    def forward(self, s: Setup, batch: dict[str, torch.Tensor], weights: dict[str, float]) -> dict[str, torch.Tensor]:
+        return batch_losses(s, batch, weights, model=self.core)
+
+
 @dataclass
 class TrainPlan:
     """Everything the run will do, computed before the first step."""
@@ -163,7 +175,7 @@ class Setup:
     cfg: Config
     reader: CacheReader
     tokenizer: object
-    model: nn.Module  # DistillModel, maybe DDP-wrapped
+    model: nn.Module  # DistillModel, or DDP around DistillLoss(core) under torchrun
     core: DistillModel
     teacher: nn.Module | None
     device: torch.device
@@ -310,7 +322,8 @@ def _field_schedule(cfg: Config, total_steps: int, mb_per_epoch: int, steps_per_
 def setup(cfg: Config) -> Setup:
     cfg.require("cache.path", "train.output")
     reader = CacheReader(cfg.cache.path)
-    tokenizer = load_tokenizer(reader.cache.path("tokenizer"))
+    with reader.cache.local_dir("tokenizer") as tokenizer_dir:  # a temp copy if the cache is on an object store
+        tokenizer = load_tokenizer(tokenizer_dir)
     if tokenizer_fingerprint(tokenizer) != reader.identity["tokenizer"]["sha256"]:
         raise ModelError(f"{cfg.cache.path}/tokenizer does not match the fingerprint in the manifest; the cache is damaged")
     device = resolve_device(cfg.train.device)
@@ -352,7 +365,7 @@ def setup(cfg: Config) -> Setup:
     core = DistillModel(student, router).to(device)
     model = core
     if distributed.active():
-        model = nn.parallel.DistributedDataParallel(core, find_unused_parameters=router is not None)
+        model = nn.parallel.DistributedDataParallel(DistillLoss(core), find_unused_parameters=router is not None)
 
     teacher = None
     if cfg.loss.kd_form == "full" and any(active_step_ranges(cfg.curriculum, total)["kd"]):
@@ -399,6 +412,8 @@ def batch_losses(s: Setup, batch: dict[str, torch.Tensor], weights: dict[str, fl
     """Raw components (only those with weight > 0, plus CE and KD agreement as metrics) and the weighted total.
 
     `model` defaults to the (maybe DDP-wrapped) training model; eval passes the bare one."""
+    if isinstance(model or s.model, nn.parallel.DistributedDataParallel):
+        return (model or s.model)(s, batch, weights)  # DistillLoss.forward, which comes back here with the core
     cfg, dev = s.cfg, s.device
     ids = batch["input_ids"].to(dev, non_blocking=True).long()
     b, t = ids.shape
@@ -444,7 +459,9 @@ def batch_losses(s: Setup, batch: dict[str, torch.Tensor], weights: dict[str, fl
     if "attention" in want:
         pairs = s.core.router.fixed_map.tolist() if s.core.router is not None else range(len(states))
         out["attention"] = sum(relation_loss(h, teacher_states[j], kd_mask) for h, j in zip(states, pairs)) / len(states)
-    total = sum((weights[c] * out[c] for c in want), out["ce"].new_zeros(()))
+    # In COMPONENTS order, never a set's: set order follows the per-process string hash seed, and a float sum
+    # in another order differs in its last bits, so a resumed process would not reproduce the run it continues.
+    total = sum((weights[c] * out[c] for c in COMPONENTS if c in want), out["ce"].new_zeros(()))
     if "router_balance" in out:
         total = total + weights["feature"] * cfg.loss.router_balance_weight * out["router_balance"]
     out["total"] = total
@@ -466,7 +483,8 @@ def save_checkpoint(s: Setup, run_dir: Path, state: dict) -> Path:
     ckpt_root = run_dir / "checkpoints"
     final = ckpt_root / f"step-{state['step']:08d}"
     tmp = ckpt_root / f".tmp-step-{state['step']:08d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in ckpt_root.glob(".tmp-step-*"):  # saves a killed run left half-written (only rank 0 saves)
+        shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_model(s.core, str(tmp / "model.safetensors"))
     torch.save(s.optimizer.state_dict(), tmp / "optimizer.pt")  # tensors + numbers: loaded with weights_only=True
@@ -586,9 +604,17 @@ def _metrics_writer(run_dir: Path, resume_step: int):
     the trace equals an uninterrupted run."""
     path = run_dir / "metrics.jsonl"
     if path.exists():
-        rows = [(line, json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
-        keep = [line for line, row in rows if row["step"] <= resume_step and not row.get("final")]
-        path.write_text("".join(line + "\n" for line in keep))
+        keep = []
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # the half-written last line of a killed run
+                continue
+            if row["step"] <= resume_step and not row.get("final"):
+                keep.append(line + "\n")
+        tmp = path.with_suffix(".jsonl.tmp")  # replaced atomically: a kill here keeps the old trace
+        tmp.write_text("".join(keep))
+        os.replace(tmp, path)
     return open(path, "a", buffering=1)
 
 
@@ -617,7 +643,15 @@ def run(cfg: Config) -> dict:
     state = LoopState()
     if resume_from is not None:
         _check_resume(run_dir, s.plan)
-        saved = load_checkpoint(s, resume_from)
+        try:
+            saved = load_checkpoint(s, resume_from)
+        except Exception as exc:  # noqa: BLE001 - a damaged file, or a pickle that weights_only refuses
+            import pickle
+
+            why = ("it holds Python objects, not only tensors, and loading them could run code" if
+                   isinstance(exc, pickle.UnpicklingError) else f"{type(exc).__name__}: {str(exc).strip()[:200]}")
+            raise TrainingError(f"checkpoint {resume_from} cannot be loaded ({why}); delete it to resume from the one "
+                                "before, or train into a new train.output") from None
         state = LoopState(**{k: saved[k] for k in asdict(LoopState()) if k in saved})
         log.info("resuming from %s (step %d of %d)", resume_from, state.step, s.plan.total_steps)
     if _is_main():
