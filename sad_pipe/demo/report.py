@@ -104,13 +104,10 @@ def build_report(demo: Path) -> str:
                          f"{_mib(r['peak_memory_bytes'])} | {r.get('tokens_per_second') or 0:,.0f} | `{r['cache_id']}` |")
         lines.append("")
         verdicts += _verdicts(variant, res)
-    ids = {_json(p / "result.json")["cache_id"] for methods in runs.values() for p in methods.values()}
     cached_ids = {_json(p / "result.json")["cache_id"] for methods in runs.values() for m, p in methods.items() if m in CACHED}
     lines += ["## Goals, as measured", "", *verdicts,
               f"- One cache for all variants: cached runs used cache id(s) {', '.join(f'`{i}`' for i in sorted(cached_ids))}"
               f" {'(the same one)' if len(cached_ids) == 1 else '(NOT the same)'}.", ""]
-    if len(ids) > 1:
-        lines.append("")
     lines += ["## Curves", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots] + [""]
     text = "\n".join(lines)
     (demo / "report.md").write_text(text)
