@@ -56,6 +56,14 @@ PROFILES = {
 }
 TEACHER_LR = 3e-3
 
+# A teacher with a real small LLM's proportions, for timing stage one: SmolLM2-135M's layer shape
+# (width 576, 9 heads over 3 KV heads, MLP 1536) with 5 layers instead of 30 and V=8192 instead of
+# 49152. Its vocabulary work per unit of forward work matches SmolLM2's (V / multiply-adds per token:
+# 8192 / 22.4 M = 3.7e-4, SmolLM2 49152 / 134 M = 3.7e-4; Qwen2.5-0.5B 3.0e-4), where the demo-shaped
+# teacher, whose output layer is 40% of its compute, has 1.5e-3. Random weights: it only times.
+LLM_SHAPED = {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 5, "num_attention_heads": 9,
+              "num_key_value_heads": 3}
+
 
 def llama_config(width: dict, max_length: int) -> dict:
     """An HF config dict (as student.config takes it) for a Llama-style model of the given widths."""
@@ -209,10 +217,28 @@ class Assets:
         self._memo[key] = teacher
         return teacher
 
-    def cache_config(self, path: Path, data: Path, **cache) -> dict:
-        """The demo's cache-teacher config (top-256, lse at T=1,2, two hidden layers) for the bench teacher."""
+    def llm_shaped_teacher(self) -> Path:
+        """LLM_SHAPED (random weights) with the bench vocabulary's tokenizer, saved like any hub model."""
+        out = self.root / "teacher-llm-shaped"
+
+        def build():
+            import torch
+            from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+            config = AutoConfig.for_model(**{**llama_config(LLM_SHAPED, self.max_length), "vocab_size": self.bench_vocab})
+            torch.manual_seed(0)
+            AutoModelForCausalLM.from_config(config).save_pretrained(out)
+            AutoTokenizer.from_pretrained(self.tokenizer(self.bench_vocab)).save_pretrained(out)
+
+        self._once("teacher LLM-shaped", out / "model.safetensors", build)
+        return out
+
+    def cache_config(self, path: Path, data: Path, teacher: Path | None = None, **cache) -> dict:
+        """The demo's cache-teacher config (top-256, lse at T=1,2, two hidden layers) for a bench teacher
+        (by default the demo-shaped one)."""
+        teacher = teacher or self.teacher(self.bench_vocab).path
         return {
-            "teacher": {"model": str(self.teacher(self.bench_vocab).path), "layers": list(self.p["cache_layers"]),
+            "teacher": {"model": str(teacher), "layers": list(self.p["cache_layers"]),
                         "device": self.device},
             "data": {"path": str(data), "max_length": self.max_length, "eval_fraction": 0.0},
             "cache": {"path": str(path), **cache},

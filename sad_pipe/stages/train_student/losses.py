@@ -37,8 +37,10 @@ class TeacherTargets:
     full_logits: torch.Tensor | None = None  # [N, V] online teacher logits
 
 
-def kd_from_logits(student: torch.Tensor, teacher: TeacherTargets, form: str, temperature: float) -> torch.Tensor:
+def kd_from_logits(student: torch.Tensor, teacher: TeacherTargets, form: str, temperature: float,
+                   student_lse: torch.Tensor | None = None) -> torch.Tensor:
     """Per-position T^2 * KL(teacher || student) at temperature T. student: [n, V] logits. Returns [n].
+    student_lse: logsumexp(student / T) [n] if the caller already has it (CE at T = 1 does).
 
     forms:
       subset - both distributions renormalised over the teacher's top-k (the seed's);
@@ -46,13 +48,17 @@ def kd_from_logits(student: torch.Tensor, teacher: TeacherTargets, form: str, te
                student tail log-mass = logsumexp over its non-top-k logits minus its full lse
                (never log(1 - sum p), which cancels catastrophically);
       full   - the full vocabulary (online teacher).
+    Every [n, V] pass costs as much as the student's output layer, so each form makes only those it needs.
     """
     t = temperature
-    s = student.float() / t
-    s_lse = torch.logsumexp(s, dim=-1)
+    s = student.float()
+    if t != 1.0:
+        s = s / t
+    if form != "subset" and student_lse is None:
+        student_lse = torch.logsumexp(s, dim=-1)
     if form == "full":
         p_log = F.log_softmax(teacher.full_logits.float() / t, dim=-1)
-        q_log = s - s_lse.unsqueeze(-1)
+        q_log = s - student_lse.unsqueeze(-1)
         return torch.where(p_log > -torch.inf, p_log.exp() * (p_log - q_log), 0.0).sum(-1) * t * t
     ids = teacher.ids
     valid = teacher.valid if teacher.valid is not None else torch.ones_like(ids, dtype=torch.bool)
@@ -66,15 +72,17 @@ def kd_from_logits(student: torch.Tensor, teacher: TeacherTargets, form: str, te
     if form != "tail":
         raise ValueError(f"unknown kd form {form!r}")
     p_log = t_scaled - teacher.lse.float().unsqueeze(-1)  # exact teacher log-probs at T (full-vocab normaliser)
-    q_log = s_k - s_lse.unsqueeze(-1)
+    q_log = s_k - student_lse.unsqueeze(-1)
     head = torch.where(valid, p_log.exp() * (p_log - q_log), 0.0).sum(-1)
     p_tail = (-torch.expm1(torch.logsumexp(p_log, dim=-1))).clamp_min(0.0)  # 1 - sum p, accurately near 0
-    # scatter_add, not scatter: an invalid entry may share an id with a valid one in the same row.
-    in_topk = torch.zeros_like(s).scatter_add_(-1, ids, valid.float()) > 0
-    q_tail_log = (torch.logsumexp(s.masked_fill(in_topk, -torch.inf), dim=-1) - s_lse).clamp_min(LOG_FLOOR)
-    # No bucket where the top-k covers the student's whole vocabulary (k = V): the teacher's "tail"
-    # there is rounding noise, and noise * (log noise - LOG_FLOOR) would be a spurious positive term.
-    has_tail = (p_tail > 0) & ~in_topk.all(dim=-1)
+    # The student's logits with its valid top-k entries set to -inf, in one pass: amin with -inf there
+    # and +inf for invalid entries, so an invalid entry sharing an id with a valid one cannot undo it.
+    hide = torch.where(valid, -torch.inf, torch.inf)
+    tail_lse = torch.logsumexp(s.scatter_reduce(-1, ids, hide, reduce="amin"), dim=-1)
+    q_tail_log = (tail_lse - student_lse).clamp_min(LOG_FLOOR)
+    # No bucket where the top-k covers the student's whole vocabulary (k = V, tail_lse = -inf): the
+    # teacher's "tail" there is rounding noise, and noise * (log noise - LOG_FLOOR) would be a spurious term.
+    has_tail = (p_tail > 0) & (tail_lse > -torch.inf)
     tail = torch.where(has_tail, p_tail * (torch.log(p_tail.clamp_min(1e-45)) - q_tail_log), 0.0)
     return (head + tail) * t * t
 
@@ -97,7 +105,7 @@ def _vocab_chunk(hidden, weight, bias, labels, ce_mask, kd_mask, t_ids, t_logits
     kd_sum = zero
     if compute_kd:
         teacher = TeacherTargets(ids=t_ids, logits=t_logits, lse=t_lse, valid=t_valid, full_logits=t_full)
-        kd_sum = _masked_sum(kd_from_logits(logits, teacher, form, temperature), kd_mask)
+        kd_sum = _masked_sum(kd_from_logits(logits, teacher, form, temperature, lse if temperature == 1.0 else None), kd_mask)
     with torch.no_grad():
         if t_full is not None:
             t_top = t_full.argmax(-1)
