@@ -10,7 +10,9 @@ Everything is built offline inside the run (assets.py): corpus, tokenizers, teac
 results.json holds every repetition; results.md the tables. Environment:
     SAD_PIPE_BENCH_THREADS  torch threads of the bench and its subprocesses (default 1: on a small
                             machine shared with other work, OpenMP threads spinning against other
-                            processes made timings several times slower and erratic; ratios are what count)
+                            processes made timings several times slower and erratic; ratios are what count).
+                            cache-teacher ignores it and uses every core: its target is the teacher
+                            and the codecs sharing the machine.
     SAD_PIPE_BENCH_WORK     keep the work directory there (assets are then reused by the next run, e.g.
                             with --only); by default a temporary directory under OUTPUT/work/, removed at the end.
 """
