@@ -239,7 +239,8 @@ class ShardSink:
     a bounded queue: compression and disk I/O overlap the teacher's next forward. On a GPU that is
     free; on a CPU the writer soaks up the cores a teacher's thread pool leaves idle at its barriers
     and Python glue (measured: in line, writing added 0.12-0.33x of the bare forward; behind the
-    queue 0.01-0.07x left unhidden, plus ~0.07x of the teacher's own time lost to the shared cores). When writing falls behind, the teacher waits instead of host memory growing.
+    queue 0.01-0.07x left unhidden, plus ~0.07x of the teacher's own time lost to the shared cores).
+    When writing falls behind, the teacher waits instead of host memory growing.
 
     A shard with any non-finite teacher output is refused when its last batch arrives, naming every
     bad sequence in it. An error in the thread discards that shard and is raised in the caller at its
