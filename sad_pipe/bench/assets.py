@@ -32,13 +32,23 @@ log = logging.getLogger("sad_pipe.bench")
 HELD_OUT_EVERY = 10  # document i is held out of teacher training when i % 10 == 0
 PIECE_CHARS = 4000  # documents are cut into pieces of about this size so subsets can be sized finely
 
+# A real small LLM's shape for timing stage one: SmolLM2-135M (width 576, 9 heads over 3 KV heads,
+# MLP 1536, 30 layers, V=49152, 134.5 M parameters) with random weights: it only times. Its
+# vocabulary work per unit of forward work (V / multiply-adds per token = 3.7e-4; Qwen2.5-0.5B 3.0e-4)
+# and its cached bytes per unit of forward work are a real teacher's, where the demo-shaped teacher,
+# whose output layer is 40% of its compute, has 1.5e-3. (An earlier 5-layer, V=8192 cut of it matched
+# the first ratio but made each cached token 6x heavier next to its forward.) --quick: 2 layers.
+SMALL_LLM = {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+             "num_key_value_heads": 3, "vocab_size": 49152}
+SMALL_LLM_QUICK = {**SMALL_LLM, "num_hidden_layers": 2, "vocab_size": None}  # None: the bench vocabulary
+
 # The bench teacher (first vocabulary) is the demo's shape, Llama 4 x 256; the V=32000 teacher, used
 # only for storage, is narrower and trained for fewer steps (its loss over V dominates the cost).
 # Training is brief by necessity (the whole suite must fit 15 minutes on 2 CPU cores): the storage
 # benchmark reports how sharp the result is.
 PROFILES = {
     "full": {
-        "corpus_mb": 3.0, "vocabs": (8192, 32000), "max_length": 256, "cache_layers": [2, 4],
+        "corpus_mb": 3.0, "vocabs": (8192, 32000), "max_length": 256, "cache_layers": [2, 4], "small_llm": SMALL_LLM,
         "teachers": {
             8192: {"width": {"hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 4, "num_attention_heads": 4},
                    "steps": 48, "batch": 4},
@@ -47,7 +57,7 @@ PROFILES = {
         },
     },
     "quick": {
-        "corpus_mb": 1.0, "vocabs": (512, 1024), "max_length": 64, "cache_layers": [1, 2],
+        "corpus_mb": 1.0, "vocabs": (512, 1024), "max_length": 64, "cache_layers": [1, 2], "small_llm": SMALL_LLM_QUICK,
         "teachers": {
             v: {"width": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2},
                 "steps": 4, "batch": 4} for v in (512, 1024)
@@ -55,14 +65,6 @@ PROFILES = {
     },
 }
 TEACHER_LR = 3e-3
-
-# A teacher with a real small LLM's proportions, for timing stage one: SmolLM2-135M's layer shape
-# (width 576, 9 heads over 3 KV heads, MLP 1536) with 5 layers instead of 30 and V=8192 instead of
-# 49152. Its vocabulary work per unit of forward work matches SmolLM2's (V / multiply-adds per token:
-# 8192 / 22.4 M = 3.7e-4, SmolLM2 49152 / 134 M = 3.7e-4; Qwen2.5-0.5B 3.0e-4), where the demo-shaped
-# teacher, whose output layer is 40% of its compute, has 1.5e-3. Random weights: it only times.
-LLM_SHAPED = {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 5, "num_attention_heads": 9,
-              "num_key_value_heads": 3}
 
 
 def llama_config(width: dict, max_length: int) -> dict:
@@ -217,20 +219,22 @@ class Assets:
         self._memo[key] = teacher
         return teacher
 
-    def llm_shaped_teacher(self) -> Path:
-        """LLM_SHAPED (random weights) with the bench vocabulary's tokenizer, saved like any hub model."""
-        out = self.root / "teacher-llm-shaped"
+    def small_llm_teacher(self) -> Path:
+        """SMALL_LLM (random weights) with the bench vocabulary's tokenizer, saved like any hub model."""
+        out = self.root / "teacher-small-llm"
 
         def build():
             import torch
             from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-            config = AutoConfig.for_model(**{**llama_config(LLM_SHAPED, self.max_length), "vocab_size": self.bench_vocab})
+            shape = dict(self.p["small_llm"])
+            shape["vocab_size"] = shape["vocab_size"] or self.bench_vocab
+            config = AutoConfig.for_model(**llama_config(shape, self.max_length))
             torch.manual_seed(0)
             AutoModelForCausalLM.from_config(config).save_pretrained(out)
             AutoTokenizer.from_pretrained(self.tokenizer(self.bench_vocab)).save_pretrained(out)
 
-        self._once("teacher LLM-shaped", out / "model.safetensors", build)
+        self._once("teacher small-LLM-shaped", out / "model.safetensors", build)
         return out
 
     def cache_config(self, path: Path, data: Path, teacher: Path | None = None, **cache) -> dict:

@@ -66,10 +66,15 @@ class TopKLogits:
     logits: torch.Tensor
 
 
-def encode_topk(logits: torch.Tensor, ids: torch.Tensor, scheme: TopKScheme) -> dict[str, torch.Tensor]:
-    """logits, ids: [N, k] from torch.topk (any order). Returns the stored arrays, still on the device."""
-    ids_sorted, order = ids.sort(dim=-1)
-    vals = logits.float().gather(-1, order)
+def encode_topk(logits: torch.Tensor, ids: torch.Tensor, scheme: TopKScheme, *, ids_ascending: bool = False
+                ) -> dict[str, torch.Tensor]:
+    """logits, ids: [N, k] from torch.topk (any order, or ids ascending when the caller says so: stage
+    one's selection already yields them so). Returns the stored arrays, still on the device."""
+    if ids_ascending:
+        ids_sorted, vals = ids, logits.float()
+    else:
+        ids_sorted, order = ids.sort(dim=-1)
+        vals = logits.float().gather(-1, order)
     vmax = vals.max(dim=-1).values
     gap = vmax.unsqueeze(-1) - vals  # >= 0
     out = {"topk_ids": ids_sorted.to(_TORCH_OF[scheme.id_dtype]), "topk_max": vmax}
