@@ -163,22 +163,9 @@ def inspect_cmd(cache, as_json):
 @_reporting_errors
 def verify_cmd(cache, full, repair, as_json):
     """Check a cache; exit 0 when intact, 1 with the damaged shards listed otherwise."""
-    from sad_pipe.storage.verify import drop_shards, verify
+    from sad_pipe.stages.cache_teacher.maintenance import repair_cache, verify_cache
 
-    report = verify(cache, full=full or repair)
-    if repair and not report.ok:
-        from sad_pipe.pipeline.config import validate
-        from sad_pipe.stages import cache_teacher
-        from sad_pipe.storage.fs import CacheFS
-
-        damaged = report.damaged_shards()
-        raw = CacheFS(cache).read_json("config.json")  # the resolved config that built this cache
-        raw.setdefault("cache", {})["path"] = cache
-        cfg = validate(raw, f"{cache}/config.json")
-        drop_shards(cache, damaged)
-        click.echo(f"repair: re-creating {len(damaged)} shards: {', '.join(f'{s}/{i}' for s, i in damaged)}", err=True)
-        cache_teacher.run(cfg)
-        report = verify(cache, full=True)
+    report = repair_cache(cache)[0] if repair else verify_cache(cache, full=full)
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
     else:
@@ -198,15 +185,10 @@ def verify_cmd(cache, full, repair, as_json):
 @_reporting_errors
 def gc_cmd(cache):
     """Remove temporary and uncommitted files; never run it while cache-teacher writes to CACHE."""
-    from sad_pipe.errors import CacheError
     from sad_pipe.storage.fs import CacheFS
     from sad_pipe.storage.verify import collect_garbage
 
-    fs = CacheFS(cache)
-    if not fs.exists("plan.json"):  # gc deletes what no plan names: never in a directory that is not a cache
-        raise CacheError(f"{cache}: no plan.json, not a sad-pipe cache; gc deletes only inside a cache "
-                         "(re-running cache-teacher cleans up after a run that stopped before its plan)")
-    result = collect_garbage(fs)
+    result = collect_garbage(CacheFS(cache))
     click.echo(f"removed {len(result['removed'])} leftovers, freed {result['bytes']:,} bytes")
 
 

@@ -5,11 +5,21 @@ Nothing here downloads: the hub is forced offline so a test that would reach for
 
 from __future__ import annotations
 
+import atexit
 import glob
 import json
 import os
+import shutil
 import sysconfig
+import tempfile
 
+# Tests write only into temp dirs: the caches datasets, matplotlib and sad-pipe itself keep in the
+# user's home go to one directory for the session (removed at exit), also for every subprocess.
+_HOME_CACHES = tempfile.mkdtemp(prefix="sad-pipe-tests-home-")
+atexit.register(shutil.rmtree, _HOME_CACHES, ignore_errors=True)
+for _var, _sub in (("HF_HOME", "hf"), ("HF_DATASETS_CACHE", "hf/datasets"), ("MPLCONFIGDIR", "matplotlib"),
+                   ("XDG_CACHE_HOME", "xdg"), ("SAD_PIPE_CACHE_HOME", "sad-pipe")):
+    os.environ[_var] = os.path.join(_HOME_CACHES, _sub)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

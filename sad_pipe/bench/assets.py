@@ -206,7 +206,7 @@ class Assets:
                 train_student.run(run_config({
                     "cache": {"path": str(root / "tokens")},
                     "student": {"config": llama_config(spec["width"], self.max_length)},
-                    "curriculum": {"use_curriculum": False, "weights": {"kd": 0.0, "ce": 1.0, "feature": 0.0, "attention": 0.0}},
+                    "curriculum": {"use_curriculum": False, "weights": {"kd": 0.0, "ce": 1.0, "feature": 0.0, "relation": 0.0}},
                     "train": {"output": str(root / "train"), "batch_size": batch, "max_steps": steps,
                               "learning_rate": TEACHER_LR, "warmup_steps": max(1, steps // 10),
                               "weight_decay": 0.1, "seed": 1234, "device": self.device},

@@ -48,7 +48,7 @@ def _stage_one(config: dict) -> dict:
 def _measure(ctx: Context, teacher_path: Path, name: str, size: str) -> tuple[dict, dict]:
     """Interleaved bare forwards, chunked-head forwards and stage-one runs for one teacher -> (runs, facts)."""
     from sad_pipe.pipeline.models import load_causal_lm, resolve_dtype
-    from sad_pipe.stages.cache_teacher import chunk_rows
+    from sad_pipe.stages.cache_teacher.vocab import chunk_rows
     from sad_pipe.storage.reader import CacheReader
 
     sizes, assets = ctx.pick(SIZES), ctx.assets

@@ -24,7 +24,7 @@ from sad_pipe.bench.measure import Context, Figure, Result, Table, Timer, interl
 SIZES = {"full": {"min_seconds": 1.5, "steps": 3}, "quick": {"min_seconds": 0.2, "steps": 2}}
 TARGET = 10.0
 PHASES = {  # name -> (field groups read, loss weights)
-    "KD phase (top-k + lse)": ({"input_ids", "topk", "lse"}, {"kd": 0.7, "ce": 0.3, "feature": 0.0, "attention": 0.0}),
+    "KD phase (top-k + lse)": ({"input_ids", "topk", "lse"}, {"kd": 0.7, "ce": 0.3, "feature": 0.0, "relation": 0.0}),
     "feature phase (+ hidden states)": ({"input_ids", "topk", "lse", "hidden"}, None),  # None: the curriculum's last phase
 }
 
@@ -65,7 +65,7 @@ def consumer(ctx: Context, cache: str):
     last_phase = CurriculumConfig().phases[-1]
 
     def rate(groups: set[str], weights: dict | None) -> float:
-        weights = weights or {c: float(getattr(last_phase, c)) for c in ("kd", "ce", "feature", "attention")}
+        weights = weights or {c: float(getattr(last_phase, c)) for c in ("kd", "ce", "feature", "relation")}
         data = CacheDataset(cache, "train", s.cfg.train.batch_size, FieldSchedule(always=groups), shuffle=False)
         batches = [b for _, b in zip(range(2), DataLoader(data, batch_size=None))]
 

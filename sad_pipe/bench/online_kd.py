@@ -29,7 +29,7 @@ SIZES = {
               "steps": 3, "batch": 2},
 }
 TARGET_SPEED, TARGET_MEMORY = 1.5, 0.6
-WEIGHTS = {"kd": 0.7, "ce": 0.3, "feature": 0.0, "attention": 0.0}
+WEIGHTS = {"kd": 0.7, "ce": 0.3, "feature": 0.0, "relation": 0.0}
 
 
 def train_config(ctx: Context, cache, output, kd_form: str) -> dict:

@@ -3,7 +3,7 @@
 Logits come from the bench teachers (trained briefly on the stdlib corpus, see assets.py) over
 held-out text, not from random numbers: random logits compress unlike real ones. Each codec goes
 through the project's own path: `codecs.encode_topk` (sort, quantise), then the writer's zarr group
-with the compressors of a real shard (`writer._write_group`, the same call verify.compressed_bytes_per_token
+with the compressors of a real shard (`writer.write_group`, the same call verify.compressed_bytes_per_token
 makes), then a chunk-by-chunk read like `CacheReader.read_chunk` and `codecs.decode_topk`.
 
     bytes/token  compressed top-k arrays (ids, values, max, step) per token; ÷ raw = that ÷ 8k bytes
@@ -60,10 +60,10 @@ class TeacherOutputs:
 
 
 def teacher_outputs(ctx: Context, vocab: int, sequences: int, k: int, batch: int, layers: list[int]) -> TeacherOutputs:
-    """Stage one's own top-k and logsumexp (cache_teacher.top_k / logsumexp) of the teacher's fp32 logits."""
+    """Stage one's own top-k and logsumexp (cache_teacher.vocab.top_k / logsumexp) of the teacher's fp32 logits."""
     from sad_pipe.bench.assets import quiet
     from sad_pipe.pipeline.models import load_causal_lm, resolve_dtype
-    from sad_pipe.stages.cache_teacher import logsumexp, top_k
+    from sad_pipe.stages.cache_teacher.vocab import logsumexp, top_k
 
     device = torch.device(ctx.device)
     with quiet():
@@ -106,12 +106,12 @@ def roundtrip(arrays: dict[str, np.ndarray], specs, chunk_rows: int, work: Path)
     Returns (bytes per token per array, write seconds, arrays read, read seconds)."""
     import zarr
 
-    from sad_pipe.storage.writer import _write_group
+    from sad_pipe.storage.writer import write_group
 
     cache = CacheFS(str(work))
     rel = f"roundtrip-{uuid.uuid4().hex[:8]}"
     start = time.perf_counter()
-    _write_group(cache, rel, arrays, specs, chunk_rows)
+    write_group(cache, rel, arrays, specs, chunk_rows)
     write_s = time.perf_counter() - start
     sizes = cache.walk_files(rel)
     n, t = next(iter(arrays.values())).shape[:2]

@@ -17,7 +17,7 @@ METHOD_ORDER = ["ce", "full", "subset", "tail", "curriculum"]
 METHOD_NAMES = {
     "ce": "CE only (no teacher)", "full": "online full-vocab KD (teacher in memory)",
     "subset": "cached top-256 subset KD", "tail": "cached top-256 + tail KD",
-    "curriculum": "cached curriculum (tail KD + feature + attention)",
+    "curriculum": "cached curriculum (tail KD + feature + relation)",
 }
 CACHED = ("subset", "tail", "curriculum")
 

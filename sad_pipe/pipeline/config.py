@@ -3,9 +3,9 @@
 A config file is JSON with any of the sections below; both stages read the same schema, so one file
 can describe a whole experiment. Command-line overrides (`--set train.learning_rate=1e-4`, `--epochs`)
 are applied to the raw dict *before* validation, so every problem (unknown key, wrong type, value out
-of range, a key the seed kept at the top level) is reported at once, each with its dotted path.
+of range, a key the original trainer kept at the top level) is reported at once, each with its dotted path.
 
-Keys inherited from the seed trainer keep their meaning: train.batch_size, train.gradient_accumulation_steps,
+Keys inherited from the original trainer keep their meaning: train.batch_size, train.gradient_accumulation_steps,
 train.learning_rate, train.warmup_steps (optimizer steps), data.max_length, loss.temperature,
 loss.kd_top_k, curriculum.use_curriculum, train.use_gradient_checkpointing, train.eval_steps,
 train.max_grad_norm.
@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from sad_pipe.errors import ConfigError
 
@@ -169,7 +169,7 @@ class TrainConfig(Section):
 
 class LossConfig(Section):
     kd_form: Literal["tail", "subset", "full"] = "tail"
-    """tail: top-k plus one bucket for the rest (exact teacher tail mass from the cached lse); subset: top-k renormalised (the seed's); full: full-vocabulary KL against a teacher resident in memory (the baseline the cache replaces)."""  # noqa: E501
+    """tail: top-k plus one bucket for the rest (exact teacher tail mass from the cached lse); subset: top-k renormalised (the original trainer's); full: full-vocabulary KL against a teacher resident in memory (the baseline the cache replaces)."""  # noqa: E501
     temperature: float = Field(1.0, gt=0)
     """KD temperature; the loss is T^2 * KL. tail needs the lse at T in the cache."""
     kd_top_k: int | None = Field(None, gt=0)
@@ -188,18 +188,20 @@ class LossConfig(Section):
     """Tokens per chunk of the vocabulary-sized loss pass (bounds its memory; never a [B,T,V] fp32 tensor)."""
 
 
-COMPONENTS = ("kd", "ce", "feature", "attention")
+COMPONENTS = ("kd", "ce", "feature", "relation")
 
 
 class Weights(Section):
+    model_config = ConfigDict(validate_by_name=True, validate_by_alias=True)
+
     kd: float = Field(0.7, ge=0)
     """Weight of the KD loss."""
     ce: float = Field(0.3, ge=0)
     """Weight of next-token cross entropy on the true labels."""
     feature: float = Field(0.0, ge=0)
     """Weight of feature matching against the cached teacher layers."""
-    attention: float = Field(0.0, ge=0)
-    """Weight of token-relation transfer."""
+    relation: float = Field(0.0, ge=0, validation_alias=AliasChoices("relation", "attention"))
+    """Weight of the hidden-state relation loss (token-to-token similarities, KL per sequence). `attention`, the original trainer's name for it, is accepted as an alias."""  # noqa: E501
 
 
 class Phase(Weights):
@@ -210,10 +212,10 @@ class Phase(Weights):
 
 
 def _default_phases() -> list[Phase]:
-    # The seed's curriculum: KD + CE only for the first 30%, then feature and attention ramp in.
+    # The original trainer's curriculum: KD + CE only for the first 30%, then feature and relation ramp in.
     return [
-        Phase(until=0.3, kd=0.7, ce=0.3, feature=0.0, attention=0.0),
-        Phase(until=1.0, ramp=0.2, kd=0.5, ce=0.2, feature=0.2, attention=0.1),
+        Phase(until=0.3, kd=0.7, ce=0.3, feature=0.0, relation=0.0),
+        Phase(until=1.0, ramp=0.2, kd=0.5, ce=0.2, feature=0.2, relation=0.1),
     ]
 
 
@@ -260,8 +262,8 @@ class Config(Section):
                                for k in missing])
 
 
-# Where the seed trainer's flat keys live now: a flat seed config gets told where each key moved.
-SEED_KEY_HOMES = {
+# Where the original trainer's flat keys live now: a flat config of the original trainer gets told where each key moved.
+ORIGINAL_KEY_HOMES = {
     "batch_size": "train", "gradient_accumulation_steps": "train", "learning_rate": "train",
     "warmup_steps": "train", "max_length": "data", "temperature": "loss", "kd_top_k": "loss",
     "use_curriculum": "curriculum", "use_gradient_checkpointing": "train", "eval_steps": "train",
@@ -305,8 +307,8 @@ def _describe(error: dict) -> str:
     kind = error["type"]
     if kind == "extra_forbidden":
         key = str(error["loc"][-1])
-        if len(error["loc"]) == 1 and key in SEED_KEY_HOMES:
-            return f"{key}: unknown top-level key; the seed's `{key}` lives in section {SEED_KEY_HOMES[key]} now"
+        if len(error["loc"]) == 1 and key in ORIGINAL_KEY_HOMES:
+            return f"{key}: unknown top-level key; the original trainer's `{key}` lives in section {ORIGINAL_KEY_HOMES[key]} now"
         return f"{path}: unknown key"
     msg = error["msg"].removeprefix("Value error, ")
     found = error.get("input")

@@ -136,38 +136,61 @@ class Packer:
         return len(self.buffer)
 
 
+def document_batches(cfg: DataConfig, size: int = TOKENIZE_BATCH) -> Iterator[list[tuple[int, str]]]:
+    """The non-empty documents as batches of (dataset row index, text), `size` rows read per batch."""
+    field_name = cfg.text_field
+    batch: list[tuple[int, str]] = []
+    rows = 0
+    for doc, row in enumerate(load_documents(cfg)):
+        text = row.get(field_name)
+        if not isinstance(text, str):
+            raise DataError(f"data.text_field {field_name!r}: document {doc} of {cfg.path} holds "
+                            f"{type(text).__name__}, expected text")
+        if text:
+            batch.append((doc, text))
+        rows += 1
+        if rows == size:
+            yield batch
+            batch, rows = [], 0
+    if rows:
+        yield batch
+
+
+@dataclass
+class TokenizedBatch:
+    """One batch of documents tokenized: row index, split ("train"/"eval") and token ids of each."""
+
+    docs: list[int]
+    splits: list[str]
+    ids: list[list[int]]
+
+
+def tokenize_batch(cfg: DataConfig, tokenizer, batch: list[tuple[int, str]]) -> TokenizedBatch:
+    encoded = tokenizer([t for _, t in batch], add_special_tokens=False)["input_ids"] if batch else []
+    return TokenizedBatch(docs=[d for d, _ in batch],
+                          splits=["eval" if is_eval(t, cfg.eval_fraction) else "train" for _, t in batch], ids=encoded)
+
+
 class PackedDocuments:
     """Iterates (split, token ids [max_length], (first_doc, last_doc)) in order for 'train' and 'eval'.
 
-    Afterwards `packers[split]` tells documents, tokens, sequences and the dropped tail."""
+    `batches` are the tokenized documents in dataset order; by default they are read and tokenized here
+    (stage one under torchrun tokenizes on every rank and passes the merged batches in). Afterwards
+    `packers[split]` tells documents, tokens, sequences and the dropped tail."""
 
-    def __init__(self, cfg: DataConfig, tokenizer, on_documents=None):
+    def __init__(self, cfg: DataConfig, tokenizer, on_documents=None, batches=None):
         if tokenizer.eos_token_id is None:
             raise DataError(f"tokenizer {tokenizer.name_or_path!r} has no eos_token; sad-pipe separates documents with it")
-        self.cfg, self.tokenizer, self.on_documents = cfg, tokenizer, on_documents
+        self.cfg, self.tokenizer, self.on_documents, self.batches = cfg, tokenizer, on_documents, batches
         self.packers = {s: Packer(cfg.max_length, tokenizer.eos_token_id) for s in ("train", "eval")}
 
-    def _flush(self, batch: list[tuple[int, str]]):
-        encoded = self.tokenizer([t for _, t in batch], add_special_tokens=False)["input_ids"]
-        for (doc, text), ids in zip(batch, encoded):
-            split = "eval" if is_eval(text, self.cfg.eval_fraction) else "train"
-            for seq, span in self.packers[split].add(doc, ids):
-                yield split, seq, span
-        if self.on_documents is not None:
-            self.on_documents(len(batch))
-
     def __iter__(self) -> Iterator[tuple[str, np.ndarray, tuple[int, int]]]:
-        field_name = self.cfg.text_field
-        batch: list[tuple[int, str]] = []
-        for doc, row in enumerate(load_documents(self.cfg)):
-            text = row.get(field_name)
-            if not isinstance(text, str):
-                raise DataError(f"data.text_field {field_name!r}: document {doc} of {self.cfg.path} holds "
-                                f"{type(text).__name__}, expected text")
-            if text:
-                batch.append((doc, text))
-            if len(batch) == TOKENIZE_BATCH:
-                yield from self._flush(batch)
-                batch = []
-        if batch:
-            yield from self._flush(batch)
+        batches = self.batches
+        if batches is None:
+            batches = (tokenize_batch(self.cfg, self.tokenizer, b) for b in document_batches(self.cfg))
+        for batch in batches:
+            for doc, split, ids in zip(batch.docs, batch.splits, batch.ids):
+                for seq, span in self.packers[split].add(doc, ids):
+                    yield split, seq, span
+            if self.on_documents is not None:
+                self.on_documents(len(batch.docs))

@@ -60,3 +60,11 @@ def sum_figures(figures: dict[str, float]) -> dict[str, float]:
     t = torch.tensor([float(figures.get(k, 0.0)) for k in keys], dtype=torch.float64)
     dist.all_reduce(t)
     return dict(zip(keys, t.tolist()))
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over ranks in place (every rank gets the total); a no-op in one process. The caller
+    keeps the layout the same on every rank, so unlike sum_figures nothing is exchanged but the numbers."""
+    if active():
+        dist.all_reduce(t)
+    return t

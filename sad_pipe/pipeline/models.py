@@ -93,18 +93,22 @@ def vocab_size_of(model) -> int:
     return int(model.get_output_embeddings().weight.shape[0])
 
 
+def text_config(model):
+    """The config of the language model inside `model` (a multimodal config nests it; older configs lack the getter)."""
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def num_layers_of(model) -> int:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return int(config.num_hidden_layers)
+    return int(text_config(model).num_hidden_layers)
 
 
 def hidden_size_of(model) -> int:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return int(config.hidden_size)
+    return int(text_config(model).hidden_size)
 
 
 def max_positions_of(model) -> int | None:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = text_config(model)
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
         value = getattr(config, key, None)
         if isinstance(value, int):

@@ -155,20 +155,27 @@ def commit_name(split: str, shard: int) -> str:
     return f"commits/{split}-{shard:05d}.json"
 
 
+def parse_commit_name(name: str) -> tuple[str, int] | None:
+    """`train-00012.json` -> ("train", 12); None for any other file in commits/ (e.g. a `.partial`)."""
+    if not name.endswith(".json"):
+        return None
+    split, _, num = name.removesuffix(".json").rpartition("-")
+    return (split, int(num)) if split in SPLITS and num.isdigit() else None
+
+
 def read_commits(cache: CacheFS) -> dict[tuple[str, int], dict]:
     """{(split, shard): record} for every commit record present."""
     out = {}
     for name in cache.listdir("commits"):
-        if not name.endswith(".json"):
-            continue
-        split, _, num = name[:-5].rpartition("-")
-        if split not in SPLITS or not num.isdigit():
-            continue
-        out[(split, int(num))] = cache.read_json(f"commits/{name}")
+        key = parse_commit_name(name)
+        if key is not None:
+            out[key] = cache.read_json(f"commits/{name}")
     return out
 
 
 def missing_shards(plan: Plan, commits: dict) -> list[tuple[str, int]]:
+    """Planned shards without a commit record. `commits` is read_commits(cache): on an object store
+    that is a LIST request, so callers read it once and pass it on."""
     return [(s, i) for s in SPLITS if s in plan.splits for i in plan.shard_ids(s) if (s, i) not in commits]
 
 

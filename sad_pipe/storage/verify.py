@@ -3,8 +3,9 @@
 Quick verify: the plan's shards are all committed, each committed file exists at its recorded size,
 the manifest (if any) names exactly the committed shards. Full verify adds: sha256 of every file,
 every chunk decoded (crc32c checked by zarr), shapes and row counts, ids < vocab, values finite.
-A damaged shard is reported by name; `sad-pipe verify --repair` deletes its commit so that the next
-cache-teacher run re-creates it whole (shards are never patched in place).
+A damaged shard is reported by name; `drop_shards` deletes its commit so that the next cache-teacher
+run re-creates it whole (shards are never patched in place; `sad-pipe verify --repair` does both).
+Storage knows no tokenizers: the check of the cache's tokenizer/ is a function the caller passes in.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,6 +26,7 @@ from sad_pipe.storage.manifest import (
     Plan,
     check_format,
     commit_name,
+    parse_commit_name,
     read_commits,
     read_plan,
 )
@@ -145,7 +148,9 @@ def _value_problem(spec: ArraySpec, data: np.ndarray, vocab: int, values: str) -
     return None
 
 
-def verify(url: str, full: bool = False) -> VerifyReport:
+def verify(url: str, full: bool = False, *, tokenizer_fingerprint: Callable[[str], str] | None = None) -> VerifyReport:
+    """Check a cache (quick, or `full`). `tokenizer_fingerprint(local_dir)` gives the fingerprint of the
+    tokenizer saved in a directory; with it, a full verify also checks the cache's tokenizer/ against the plan."""
     cache = CacheFS(url)
     report = VerifyReport(cache=url, full=full)
     plan = read_plan(cache)
@@ -207,8 +212,8 @@ def verify(url: str, full: bool = False) -> VerifyReport:
                               report, where)
     if manifest is not None and full:
         _check_index(cache, plan, commits, report)
-    if full and cache.exists("tokenizer"):
-        _check_tokenizer(cache, plan, report)
+    if full and tokenizer_fingerprint is not None and cache.exists("tokenizer"):
+        _check_tokenizer(cache, plan, report, tokenizer_fingerprint)
     if not cache.exists("manifest.json"):
         report.add("cache", "no manifest.json: the cache is incomplete; re-run the same cache-teacher command to finish it")
     report.complete = manifest is not None and not report.damaged_shards()
@@ -228,19 +233,20 @@ def _read_commits(cache: CacheFS, full: bool, report: VerifyReport) -> dict[tupl
     """Like manifest.read_commits, but an unreadable or malformed record is a problem of its shard, not an error."""
     out = {}
     for name in cache.listdir("commits"):
-        split, _, num = name.removesuffix(".json").rpartition("-")
-        if not name.endswith(".json") or split not in SPLITS or not num.isdigit():
+        key = parse_commit_name(name)
+        if key is None:
             continue
+        split, num = key
         try:
             record = _read_record(cache, f"commits/{name}", full)
-            if not (isinstance(record, dict) and record.get("split") == split and record.get("shard") == int(num)
+            if not (isinstance(record, dict) and record.get("split") == split and record.get("shard") == num
                     and isinstance(record.get("dir"), str) and isinstance(record.get("files"), dict)
                     and all(isinstance(f, dict) and {"size", "sha256"} <= set(f) for f in record["files"].values())):
-                raise CacheError(f"commits/{name}: not a commit record of {split}/{int(num)}")
+                raise CacheError(f"commits/{name}: not a commit record of {split}/{num}")
         except CacheError as exc:
-            report.add(f"{split}/{int(num)}", str(exc))
+            report.add(f"{split}/{num}", str(exc))
             continue
-        out[(split, int(num))] = record
+        out[key] = record
     return out
 
 
@@ -261,13 +267,11 @@ def _check_tokens(cache, rel, rows, max_length, tokenizer_size, vocab, report, w
         report.add(where, f"input_ids unreadable ({type(exc).__name__}: {str(exc)[:200]})")
 
 
-def _check_tokenizer(cache: CacheFS, plan: Plan, report: VerifyReport) -> None:
+def _check_tokenizer(cache: CacheFS, plan: Plan, report: VerifyReport, fingerprint: Callable[[str], str]) -> None:
     """The cache's tokenizer/ has no hashes of its own: it must load and tokenize as the plan's fingerprint says."""
-    from sad_pipe.pipeline.models import load_tokenizer, tokenizer_fingerprint
-
     try:
         with cache.local_dir("tokenizer") as path:
-            found = tokenizer_fingerprint(load_tokenizer(path))
+            found = fingerprint(path)
     except Exception as exc:  # noqa: BLE001 - whatever a damaged file makes the tokenizer library raise
         report.add("cache", f"tokenizer/: cannot load ({type(exc).__name__}: {str(exc)[:200]})")
         return
@@ -317,13 +321,29 @@ def drop_shards(url: str, shards: list[tuple[str, int]]) -> None:
                 log.warning("repair: %s names %r, outside the cache; left alone", commit_name(split, shard), record["dir"])
 
 
-def collect_garbage(cache: CacheFS) -> dict:
+# What a cache-teacher run creates in its directory before plan.json exists (plus `*.partial` files).
+UNPLANNED_ENTRIES = ("_tmp", "tokens", "commits", "shards", "tokenizer")
+
+
+def holds_only_unplanned_leftovers(cache: CacheFS) -> bool:
+    """True for a directory without plan.json holding nothing but what a cache-teacher run killed before
+    creating its plan leaves behind (an empty or absent directory included)."""
+    return not cache.exists("plan.json") and all(n in UNPLANNED_ENTRIES or n.endswith(".partial") for n in cache.listdir(""))
+
+
+def collect_garbage(cache: CacheFS, *, unplanned: bool = False) -> dict:
     """Delete temporary files and shard/token directories that no commit or plan names.
 
+    Refuses a directory without plan.json: it is no cache, and what looks like leftovers there may be
+    someone else's files. `unplanned=True` is cache-teacher's start-up, which may clean a cache whose
+    first run died before its plan, once `holds_only_unplanned_leftovers` says that is all it holds.
     Never run it while a cache-teacher run writes to the same cache: its work in progress is garbage too.
     Returns {"removed": [paths], "bytes": freed}."""
-    removed, freed = [], 0
     plan = read_plan(cache)
+    if plan is None and not (unplanned and holds_only_unplanned_leftovers(cache)):
+        raise CacheError(f"{cache.url}: no plan.json, not a sad-pipe cache; gc deletes only inside a cache "
+                         "(re-running cache-teacher cleans up after a run that stopped before its plan)")
+    removed, freed = [], 0
     keep = {r["dir"] for r in read_commits(cache).values()}
     if plan is not None:
         keep |= {t["dir"] for t in plan.tokens.values()}
@@ -350,11 +370,11 @@ def collect_garbage(cache: CacheFS) -> dict:
 
 def compressed_bytes_per_token(arrays: dict[str, np.ndarray], specs: list[ArraySpec], chunk_rows: int) -> dict[str, float]:
     """Encode sample arrays [n, T, ...] exactly as a shard would and measure bytes per token."""
-    from sad_pipe.storage.writer import _write_group
+    from sad_pipe.storage.writer import write_group
 
     with tempfile.TemporaryDirectory() as tmp:
         cache = CacheFS(tmp)
-        _write_group(cache, "sample", arrays, specs, chunk_rows)
+        write_group(cache, "sample", arrays, specs, chunk_rows)
         sizes = cache.walk_files("sample")
     out = {}
     for spec in specs:

@@ -63,7 +63,7 @@ def _compressors(comp: dict, dtype: np.dtype) -> list:
     return [blosc, Crc32cCodec()]
 
 
-def _write_group(cache: CacheFS, rel: str, arrays: dict[str, np.ndarray], specs: list[ArraySpec], chunk_rows: int) -> None:
+def write_group(cache: CacheFS, rel: str, arrays: dict[str, np.ndarray], specs: list[ArraySpec], chunk_rows: int) -> None:
     """One zarr group; each array sharded so that the whole array is one file with `chunk_rows`-row inner chunks."""
     import zarr
 
@@ -127,7 +127,7 @@ class ShardWriter:
         if self.filled != self.rows:
             raise CacheError(f"shard {self.split}/{self.shard}: {self.filled} of {self.rows} sequences written")
         chunk = self.plan.identity["sequences_per_chunk"]
-        _write_group(self.cache, self.tmp, self.buffers, self.specs, chunk)
+        write_group(self.cache, self.tmp, self.buffers, self.specs, chunk)
         self.cache.fsync_tree(self.tmp)
         files = hash_tree(self.cache, self.tmp)
         final = f"shards/{self.split}/{self.shard:05d}-{self.tmp.rsplit('-', 1)[1]}"

@@ -40,7 +40,7 @@ def test_all_problems_reported_at_once_with_their_keys():
                   "loss": {"kd_form": "mse"}, "cache": {"sequences_per_shard": 30}})
     text = str(err.value)
     for fragment in ("train.learning_rate", "train.epochs", "train.bogus: unknown key", "loss.kd_form",
-                     "sequences_per_shard (30) must be a multiple", "the seed's `batch_size` lives in section train"):
+                     "sequences_per_shard (30) must be a multiple", "the original trainer's `batch_size` lives in section train"):
         assert fragment in text, text
     assert len(err.value.problems) == 6
 

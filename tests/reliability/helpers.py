@@ -7,10 +7,10 @@ import os
 
 import numpy as np
 
+from sad_pipe.stages.cache_teacher.maintenance import verify_cache as verify
 from sad_pipe.storage.fs import CacheFS
 from sad_pipe.storage.manifest import SPLITS, read_commits, read_plan
 from sad_pipe.storage.reader import CacheReader
-from sad_pipe.storage.verify import verify
 
 ALL_GROUPS = {"input_ids", "topk", "lse", "target_logprob", "hidden"}
 

@@ -172,7 +172,7 @@ SCENARIOS = {
     "key-typo": lambda c: student(c, "--set", "train.learning_rat=0.001"),
     "wrong-type": lambda c: student(c, "--set", 'train.batch_size="8"'),
     "out-of-range": lambda c: student(c, "--set", "train.gradient_accumulation_steps=0"),
-    "seed-key": lambda c: student(c, "--set", "learning_rate=0.001"),
+    "original-key": lambda c: student(c, "--set", "learning_rate=0.001"),
     "config-missing": lambda c: ["train-student", "--config", str(c.tmp / "nowhere.json")],
     "config-not-json": lambda c: config_file(c, '{"train": {"batch_size": 8,}}'),
     "set-without-value": lambda c: student(c, "--set", "train.batch_size"),

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from sad_pipe.errors import CacheError
+from sad_pipe.stages.cache_teacher.maintenance import verify_cache as verify
 from sad_pipe.storage.reader import CacheReader
-from sad_pipe.storage.verify import verify
 
 from .helpers import ALL_GROUPS
 

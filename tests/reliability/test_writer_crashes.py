@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 from conftest import cli
 
-from sad_pipe.stages import cache_teacher
+from sad_pipe.stages.cache_teacher import plan as plan_module
+from sad_pipe.stages.cache_teacher import runner, stage
 from sad_pipe.storage.fs import CacheFS
 from sad_pipe.storage.manifest import read_commits, read_plan
 
@@ -92,7 +93,7 @@ CHAIN = [
     (f"{FS}.write_atomic", 1, "after", "a tokenizer file written, no plan", state("tokenizer/*", absent=("plan.json",))),
     (f"{FS}.create_if_absent", 1, "after", "plan.json created, config.json not yet",
      state("plan.json", absent=("config.json", "commits/*"))),
-    (f"{WRITER}:_write_group", 1, "after", "shard write: the group in _tmp, not flushed",
+    (f"{WRITER}:write_group", 1, "after", "shard write: the group in _tmp, not flushed",
      state("config.json", "_tmp/train-00000-*/topk_ids/c/0/0/0", absent=("commits/*",))),
     (f"{FS}.fsync_tree", 1, "after", "fsync: flushed, not hashed", state("_tmp/train-00000-*/lse/zarr.json")),
     (f"{WRITER}:hash_tree", 1, "after", "hash: hashed, not renamed", state("_tmp/train-00000-*", absent=("shards/*",))),
@@ -102,7 +103,7 @@ CHAIN = [
      state("commits/train-00000.json.*.partial", absent=("commits/*.json",))),
     (f"{FS}.create_if_absent", 1, "after", "commit record: created, before the next shard",
      state("commits/train-00000.json", absent=("commits/train-00001.json",))),
-    ("sad_pipe.stages.cache_teacher:finalize", 1, "before", "finalize: every shard committed, no index",
+    ("sad_pipe.stages.cache_teacher.stage:finalize", 1, "before", "finalize: every shard committed, no index",
      state("commits/eval-00000.json", "commits/train-00002.json", absent=("index/*",))),
     (f"{FS}.write_atomic", 1, "after", "index: one split's index written, no manifest",
      state("index/train.parquet", absent=("manifest.json",))),
@@ -139,9 +140,9 @@ def test_a_crash_at_every_protocol_step_resumes_to_the_uninterrupted_cache(forks
     assert freed_total > 0
 
 
-PROTOCOL = [f"{WRITER}:TokenWriter._flush", f"{WRITER}:_write_group", f"{FS}.fsync_tree", f"{WRITER}:hash_tree",
+PROTOCOL = [f"{WRITER}:TokenWriter._flush", f"{WRITER}:write_group", f"{FS}.fsync_tree", f"{WRITER}:hash_tree",
             f"{FS}.move", f"{FS}._local_temp_write", f"{FS}.create_if_absent", f"{FS}.write_atomic",
-            "sad_pipe.stages.cache_teacher:finalize"]
+            "sad_pipe.stages.cache_teacher.stage:finalize"]
 
 
 @pytest.mark.slow
@@ -183,8 +184,8 @@ def test_repair_recreates_exactly_the_damaged_shards_through_the_teacher(referen
         f.truncate(50)
     # The teacher's inputs during the repair: exactly the damaged shards' sequences, each once.
     seen = []
-    real_call = cache_teacher.TeacherRunner.__call__
-    monkeypatch.setattr(cache_teacher.TeacherRunner, "__call__",
+    real_call = runner.TeacherRunner.__call__
+    monkeypatch.setattr(runner.TeacherRunner, "__call__",
                         lambda self, ids: seen.append(ids.clone()) or real_call(self, ids))
     out = cli("verify", "--repair", url).output
     assert "repair: re-creating 3 shards: eval/0, train/1, train/2" in out and "intact" in out
@@ -312,14 +313,14 @@ def test_free_space_is_checked_before_the_teacher_runs(assets, rel_docs, tmp_pat
     config = writer_config(tmp_path, assets, rel_docs)
     url = cache_of(config)
     free = {"bytes": 10**15}
-    monkeypatch.setattr(cache_teacher.shutil, "disk_usage", lambda path: Usage(10**15, 0, free["bytes"]))
+    monkeypatch.setattr(plan_module.shutil, "disk_usage", lambda path: Usage(10**15, 0, free["bytes"]))
     # Stop after the plan, before the teacher: the shards still to write are all of them.
-    real_fill = cache_teacher._fill
+    real_fill = stage._fill
 
     def stop(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cache_teacher, "_fill", stop)
+    monkeypatch.setattr(stage, "_fill", stop)
     assert "may not fit" not in cli("cache-teacher", "--config", config, expect=130).output
     plan = read_plan(CacheFS(url))
     raw = sum(s.bytes_per_token for s in plan.arrays) * sum(v["tokens"] for v in plan.splits.values())
@@ -327,6 +328,6 @@ def test_free_space_is_checked_before_the_teacher_runs(assets, rel_docs, tmp_pat
     out = cli("cache-teacher", "--config", config, expect=130).output
     warning = [line for line in out.splitlines() if "may not fit" in line]
     assert len(warning) == 1 and f"{raw - 1:,} bytes free" in warning[0] and f"{raw:,} bytes" in warning[0], out
-    monkeypatch.setattr(cache_teacher, "_fill", real_fill)
+    monkeypatch.setattr(stage, "_fill", real_fill)
     out = cli("cache-teacher", "--config", config).output  # a warning only: the run goes on and finishes
     assert "may not fit" in out and os.path.exists(os.path.join(url, "manifest.json"))

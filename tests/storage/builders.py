@@ -17,7 +17,7 @@ from sad_pipe.storage.writer import ShardWriter, TokenWriter, create_plan, final
 
 def make_identity(*, vocab=512, k=8, max_length=8, layers=(1,), hidden_size=16, values="uint8", hidden_dtype="bf16",
                   temperatures=(1.0, 2.0), store_target_logprob=True, sequences_per_shard=8, sequences_per_chunk=4) -> dict:
-    """The same fields cache_teacher._identity records, with made-up teacher/tokenizer/dataset facts."""
+    """The same fields cache_teacher.plan.cache_identity records, with made-up teacher/tokenizer/dataset facts."""
     return {
         "teacher": {"model": "fake/teacher", "revision": None, "config_sha256": "0" * 64, "architecture": "FakeForCausalLM",
                     "vocab_size": vocab, "hidden_size": hidden_size, "num_layers": max(layers, default=0), "dtype": "float32"},

@@ -193,3 +193,17 @@ def test_gc_removes_leftovers_and_keeps_committed_data(cache):
     assert tree(cache) == before
     cli("verify", "--full", cache)
     assert "removed 0 leftovers, freed 0 bytes" in cli("gc", cache).output
+
+
+def test_gc_called_from_python_refuses_a_directory_that_is_no_cache(tmp_path):
+    from sad_pipe.errors import CacheError
+    from sad_pipe.storage.verify import collect_garbage
+
+    (tmp_path / "tokens").mkdir()
+    (tmp_path / "tokens" / "precious.txt").write_text("not a cache's")
+    with pytest.raises(CacheError, match="no plan.json, not a sad-pipe cache"):
+        collect_garbage(CacheFS(str(tmp_path)))
+    (tmp_path / "notes.md").write_text("x")  # a file no cache-teacher run makes: not even start-up's clean-up runs
+    with pytest.raises(CacheError):
+        collect_garbage(CacheFS(str(tmp_path)), unplanned=True)
+    assert (tmp_path / "tokens" / "precious.txt").exists()

@@ -2,7 +2,7 @@
 
 Phases hold weights until their `until`; a phase with `ramp` > 0 starts by moving linearly from the
 previous phase's weights over that much progress. Train and eval at the same step call the same
-function, so their losses are comparable (the seed's 6x train/eval gap came from eval ignoring it).
+function, so their losses are comparable (the original trainer's 6x train/eval gap came from eval ignoring it).
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ def kd_from_logits(student: torch.Tensor, teacher: TeacherTargets, form: str, te
     student_lse: logsumexp(student / T) [n] if the caller already has it (CE at T = 1 does).
 
     forms:
-      subset - both distributions renormalised over the teacher's top-k (the seed's);
+      subset - both distributions renormalised over the teacher's top-k (the original trainer's);
       tail   - top-k plus one bucket holding the rest: teacher tail mass from the cached lse,
                student tail log-mass = logsumexp over its non-top-k logits minus its full lse
                (never log(1 - sum p), which cancels catastrophically);

@@ -2,7 +2,7 @@
 
     run(config) -> result
       setup:  cache reader, the cache's tokenizer, student, layer router, AdamW, schedule, data
-      plan:   printed and saved before the first step (the numbers the seed had to debug by hand)
+      plan:   printed and saved before the first step (the numbers the original trainer had to debug by hand)
       loop:   micro-batches -> accumulate -> clip -> optimizer step, or skip the step on NaN/Inf
               eval every eval_steps (same loss function and same weights as training at that step)
               checkpoint every save_steps (atomic; resumes exactly: weights, optimizer, schedule,
@@ -33,21 +33,23 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from sad_pipe.errors import ConfigError, ModelError, TrainingError
 from sad_pipe.pipeline import distributed
 from sad_pipe.pipeline.config import COMPONENTS, Config
 from sad_pipe.pipeline.models import (
     build_student,
+    hidden_size_of,
     load_causal_lm,
     load_tokenizer,
     max_positions_of,
+    num_layers_of,
     resolve_device,
     resolve_dtype,
     tokenizer_fingerprint,
     vocab_size_of,
 )
+from sad_pipe.pipeline.progress import progress_bar
 from sad_pipe.stages.train_student.curriculum import active_step_ranges, phase_table, step_weights
 from sad_pipe.stages.train_student.losses import (
     TeacherTargets,
@@ -64,7 +66,7 @@ from sad_pipe.storage.reader import CacheDataset, CacheReader, FieldSchedule
 log = logging.getLogger(__name__)
 
 # Field groups each loss component reads from the cache.
-NEEDS = {"kd": {"topk", "lse"}, "ce": set(), "feature": {"hidden"}, "attention": {"hidden"}}
+NEEDS = {"kd": {"topk", "lse"}, "ce": set(), "feature": {"hidden"}, "relation": {"hidden"}}
 
 
 def needs(component: str, kd_form: str) -> set[str]:
@@ -231,8 +233,8 @@ def _check_cache_fits(cfg: Config, reader: CacheReader, total_steps: int) -> Non
                                 f"logsumexp at T, and the cache holds it only for T in {reader.temperatures}")
             if cfg.loss.kd_top_k is not None and cfg.loss.kd_top_k > reader.scheme.k:
                 problems.append(f"loss.kd_top_k {cfg.loss.kd_top_k}: the cache holds only the top {reader.scheme.k}")
-    if uses & {"feature", "attention"} and not reader.layers:
-        problems.append("curriculum: feature/attention have non-zero weight but the cache holds no hidden states "
+    if uses & {"feature", "relation"} and not reader.layers:
+        problems.append("curriculum: feature/relation have non-zero weight but the cache holds no hidden states "
                         "(build it with teacher.layers set, or set those weights to 0)")
     if reader.sequences("train") == 0:
         problems.append(f"cache {reader.url}: the train split is empty")
@@ -319,6 +321,35 @@ def _field_schedule(cfg: Config, total_steps: int, mb_per_epoch: int, steps_per_
     return FieldSchedule(always={"input_ids"}, extra=extra), arrays_read
 
 
+def _router(cfg: Config, reader: CacheReader, student: nn.Module, student_layers: list[int]) -> LayerRouter:
+    """Projections of the matched student layers to the teacher's width, and the learned (or fixed) mixture of
+    cached teacher layers each one is matched to."""
+    t_width = reader.identity["teacher"]["hidden_size"]
+    s_width, n_student = hidden_size_of(student), num_layers_of(student)
+    if not cfg.loss.feature_projection and s_width != t_width:
+        raise ConfigError(f"loss.feature_projection false needs equal widths: student {s_width}, teacher {t_width}; "
+                          "turn the projection on or pick a student of the teacher's width")
+    n_t = len(reader.layers)
+    n_teacher = reader.identity["teacher"]["num_layers"]
+    fixed = [min(range(n_t), key=lambda j: abs(reader.layers[j] / n_teacher - s / n_student)) for s in student_layers]
+    return LayerRouter(s_width, t_width, len(student_layers), n_t, learned=cfg.loss.feature_router,
+                       project=cfg.loss.feature_projection, fixed_map=fixed)
+
+
+def _online_teacher(cfg: Config, reader: CacheReader, device: torch.device) -> nn.Module:
+    """kd_form full: the teacher itself, resident in memory (the baseline the cache replaces)."""
+    name = cfg.teacher.model or reader.identity["teacher"] and reader.identity["teacher"]["model"]
+    if not name:
+        raise ConfigError("loss.kd_form full needs a teacher: set teacher.model (the cache has none)")
+    teacher = load_causal_lm(name, revision=cfg.teacher.revision, dtype=resolve_dtype(cfg.teacher.dtype, device),
+                             device=device, trust_remote_code=cfg.teacher.trust_remote_code, what="teacher")
+    teacher.eval().requires_grad_(False)
+    if tokenizer_fingerprint(load_tokenizer(name, cfg.teacher.revision, cfg.teacher.trust_remote_code)) != \
+            reader.identity["tokenizer"]["sha256"]:
+        raise ModelError(f"online teacher {name!r} uses a different tokenizer than the cache")
+    return teacher
+
+
 def setup(cfg: Config) -> Setup:
     cfg.require("cache.path", "train.output")
     reader = CacheReader(cfg.cache.path)
@@ -332,7 +363,7 @@ def setup(cfg: Config) -> Setup:
 
     torch.manual_seed(cfg.train.seed)  # same init for every method of a comparison
     student = _load_student(cfg, tokenizer, reader.max_length)
-    n_student = int(student.config.get_text_config().num_hidden_layers)
+    n_student = num_layers_of(student)
     if cfg.train.use_gradient_checkpointing:  # renamed in transformers 5.x; the old name warns
         getattr(student, "activation_checkpointing_enable", student.gradient_checkpointing_enable)()
     global_batch = cfg.train.batch_size * world
@@ -348,36 +379,15 @@ def setup(cfg: Config) -> Setup:
         raise ConfigError(f"train.warmup_steps {cfg.train.warmup_steps}: must be below the {total} optimizer steps planned")
     _check_cache_fits(cfg, reader, total)
 
-    uses_hidden = any(active_step_ranges(cfg.curriculum, total)[c] for c in ("feature", "attention"))
+    uses_hidden = any(active_step_ranges(cfg.curriculum, total)[c] for c in ("feature", "relation"))
     student_layers = _student_layers(cfg, reader, n_student) if uses_hidden else []
-    router = None
-    if uses_hidden:
-        t_width = reader.identity["teacher"]["hidden_size"]
-        s_width = int(student.config.get_text_config().hidden_size)
-        if not cfg.loss.feature_projection and s_width != t_width:
-            raise ConfigError(f"loss.feature_projection false needs equal widths: student {s_width}, teacher {t_width}; "
-                              "turn the projection on or pick a student of the teacher's width")
-        n_t = len(reader.layers)
-        fixed = [min(range(n_t), key=lambda j: abs(reader.layers[j] / reader.identity["teacher"]["num_layers"] - s / n_student))
-                 for s in student_layers]
-        router = LayerRouter(s_width, t_width, len(student_layers), n_t, learned=cfg.loss.feature_router,
-                             project=cfg.loss.feature_projection, fixed_map=fixed)
+    router = _router(cfg, reader, student, student_layers) if uses_hidden else None
     core = DistillModel(student, router).to(device)
     model = core
     if distributed.active():
         model = nn.parallel.DistributedDataParallel(DistillLoss(core), find_unused_parameters=router is not None)
-
-    teacher = None
-    if cfg.loss.kd_form == "full" and any(active_step_ranges(cfg.curriculum, total)["kd"]):
-        name = cfg.teacher.model or reader.identity["teacher"] and reader.identity["teacher"]["model"]
-        if not name:
-            raise ConfigError("loss.kd_form full needs a teacher: set teacher.model (the cache has none)")
-        teacher = load_causal_lm(name, revision=cfg.teacher.revision, dtype=resolve_dtype(cfg.teacher.dtype, device),
-                                 device=device, trust_remote_code=cfg.teacher.trust_remote_code, what="teacher")
-        teacher.eval().requires_grad_(False)
-        if tokenizer_fingerprint(load_tokenizer(name, cfg.teacher.revision, cfg.teacher.trust_remote_code)) != \
-                reader.identity["tokenizer"]["sha256"]:
-            raise ModelError(f"online teacher {name!r} uses a different tokenizer than the cache")
+    uses_online_kd = cfg.loss.kd_form == "full" and any(active_step_ranges(cfg.curriculum, total)["kd"])
+    teacher = _online_teacher(cfg, reader, device) if uses_online_kd else None
 
     optimizer = _optimizer(model, cfg)
     warmup, kind = cfg.train.warmup_steps, cfg.train.lr_schedule
@@ -423,7 +433,7 @@ def batch_losses(s: Setup, batch: dict[str, torch.Tensor], weights: dict[str, fl
         kd_mask = kd_mask * (ids != s.reader.identity["tokenizer"]["eos_token_id"]).float()
     ce_mask = kd_mask * (labels >= 0).float()
     want = {c for c in COMPONENTS if weights[c] > 0}
-    need_hidden = bool(want & {"feature", "attention"})
+    need_hidden = bool(want & {"feature", "relation"})
 
     teacher_states = None
     if need_hidden:
@@ -456,9 +466,9 @@ def batch_losses(s: Setup, batch: dict[str, torch.Tensor], weights: dict[str, fl
         projected, target_states, routing = routed
         out["feature"] = sum(feature_loss(p, tgt, kd_mask) for p, tgt in zip(projected, target_states)) / len(projected)
         out["router_balance"] = balance_loss(routing)
-    if "attention" in want:
+    if "relation" in want:
         pairs = s.core.router.fixed_map.tolist() if s.core.router is not None else range(len(states))
-        out["attention"] = sum(relation_loss(h, teacher_states[j], kd_mask) for h, j in zip(states, pairs)) / len(states)
+        out["relation"] = sum(relation_loss(h, teacher_states[j], kd_mask) for h, j in zip(states, pairs)) / len(states)
     # In COMPONENTS order, never a set's: set order follows the per-process string hash seed, and a float sum
     # in another order differs in its last bits, so a resumed process would not reproduce the run it continues.
     total = sum((weights[c] * out[c] for c in COMPONENTS if c in want), out["ce"].new_zeros(()))
@@ -572,12 +582,12 @@ def evaluate(s: Setup, step: int) -> dict[str, float]:
         if n == 0:
             continue
         out = batch_losses(s, batch, weights, model=s.core)  # no DDP: ranks may see different batch counts
-        for k, v in out.items():
-            sums[k] = sums.get(k, 0.0) + float(v.detach()) * n
+        for k, v in out.items():  # device tensors: no sync per batch
+            sums[k] = sums.get(k, 0.0) + v.detach() * n
         seen += n
     s.model.train()
     keys = sorted(sums)
-    totals = distributed.sum_figures({**{k: sums[k] for k in keys}, "_seen": seen})
+    totals = distributed.sum_figures({**{k: float(sums[k]) for k in keys}, "_seen": seen})
     seen = totals.pop("_seen")
     result = {f"eval/{k}": v / max(seen, 1) for k, v in totals.items()}
     if "eval/ce" in result:
@@ -622,38 +632,12 @@ def _is_main() -> bool:
     return distributed.rank() == 0
 
 
-def _any(flag: bool) -> bool:
-    """True on every rank if it is true on any (skip decisions must agree across ranks)."""
-    return bool(distributed.sum_figures({"f": float(flag)})["f"] > 0) if distributed.active() else flag
-
-
 def run(cfg: Config) -> dict:
     """Stage two. Returns the final eval metrics and the run's figures (also saved as result.json)."""
     wall_start = time.perf_counter()
     s = setup(cfg)
     run_dir = Path(cfg.train.output)
-    resume_from = latest_checkpoint(run_dir) if run_dir.exists() else None
-    # result.json is written last. The last step always leaves a checkpoint, so a run stopped while
-    # writing final/ resumes from it and finishes again.
-    if (run_dir / "result.json").exists():
-        raise ConfigError(f"train.output {run_dir}: holds a finished run; choose another directory or delete it")
-    if resume_from is not None and not cfg.train.resume:
-        raise ConfigError(f"train.output {run_dir}: holds checkpoints but train.resume is false; "
-                          "choose another directory or delete it")
-    state = LoopState()
-    if resume_from is not None:
-        _check_resume(run_dir, s.plan)
-        try:
-            saved = load_checkpoint(s, resume_from)
-        except Exception as exc:  # noqa: BLE001 - a damaged file, or a pickle that weights_only refuses
-            import pickle
-
-            why = ("it holds Python objects, not only tensors, and loading them could run code" if
-                   isinstance(exc, pickle.UnpicklingError) else f"{type(exc).__name__}: {str(exc).strip()[:200]}")
-            raise TrainingError(f"checkpoint {resume_from} cannot be loaded ({why}); delete it to resume from the one "
-                                "before, or train into a new train.output") from None
-        state = LoopState(**{k: saved[k] for k in asdict(LoopState()) if k in saved})
-        log.info("resuming from %s (step %d of %d)", resume_from, state.step, s.plan.total_steps)
+    state = _resume(s, run_dir)
     if _is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(run_dir / "config.json")
@@ -676,19 +660,51 @@ def run(cfg: Config) -> dict:
     if s.plan.teacher_eval_ce is not None:
         result["teacher/eval_ce"] = s.plan.teacher_eval_ce
     if _is_main():
-        with open(run_dir / "metrics.jsonl", "a") as f:
-            f.write(_json_line({**_eval_record(s, state.step, final_eval), "final": True}))
-        final = run_dir / "final"
-        s.core.student.save_pretrained(final)
-        s.tokenizer.save_pretrained(final)
-        if s.core.router is not None:
-            save_model(s.core.router, str(final / "router.safetensors"))
-        from sad_pipe.stages.train_student.plots import plot_metrics
-
-        plot_metrics(run_dir / "metrics.jsonl", run_dir / "plots")
-        (run_dir / "result.json").write_text(json.dumps(result, indent=1) + "\n")
+        _finish(s, run_dir, state, final_eval, result)
     distributed.barrier()
     return result
+
+
+def _resume(s: Setup, run_dir: Path) -> LoopState:
+    """The loop state to start from: a fresh one, or the newest complete checkpoint's (after checking the run
+    is the same run). result.json is written last, and the last step always leaves a checkpoint, so a run
+    stopped while writing final/ resumes from it and finishes again."""
+    if (run_dir / "result.json").exists():
+        raise ConfigError(f"train.output {run_dir}: holds a finished run; choose another directory or delete it")
+    resume_from = latest_checkpoint(run_dir) if run_dir.exists() else None
+    if resume_from is None:
+        return LoopState()
+    if not s.cfg.train.resume:
+        raise ConfigError(f"train.output {run_dir}: holds checkpoints but train.resume is false; "
+                          "choose another directory or delete it")
+    _check_resume(run_dir, s.plan)
+    try:
+        saved = load_checkpoint(s, resume_from)
+    except Exception as exc:  # noqa: BLE001 - a damaged file, or a pickle that weights_only refuses
+        import pickle
+
+        why = ("it holds Python objects, not only tensors, and loading them could run code" if
+               isinstance(exc, pickle.UnpicklingError) else f"{type(exc).__name__}: {str(exc).strip()[:200]}")
+        raise TrainingError(f"checkpoint {resume_from} cannot be loaded ({why}); delete it to resume from the one "
+                            "before, or train into a new train.output") from None
+    state = LoopState(**{k: saved[k] for k in asdict(LoopState()) if k in saved})
+    log.info("resuming from %s (step %d of %d)", resume_from, state.step, s.plan.total_steps)
+    return state
+
+
+def _finish(s: Setup, run_dir: Path, state: LoopState, final_eval: dict, result: dict) -> None:
+    """The run's products (rank 0): the final eval line, final/ (student + tokenizer), plots, result.json last."""
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(_json_line({**_eval_record(s, state.step, final_eval), "final": True}))
+    final = run_dir / "final"
+    s.core.student.save_pretrained(final)
+    s.tokenizer.save_pretrained(final)
+    if s.core.router is not None:
+        save_model(s.core.router, str(final / "router.safetensors"))
+    from sad_pipe.stages.train_student.plots import plot_metrics
+
+    plot_metrics(run_dir / "metrics.jsonl", run_dir / "plots")
+    (run_dir / "result.json").write_text(json.dumps(result, indent=1) + "\n")
 
 
 def _peak_memory(device: torch.device) -> int:
@@ -697,20 +713,47 @@ def _peak_memory(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
+@dataclass
+class StepInputs:
+    """What the micro-batches of one optimizer step leave for its boundary: loss sums (device tensors, so a
+    micro-batch never waits for the device), whether each loss was finite, and the sequences seen."""
+
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    finite: list[torch.Tensor] = field(default_factory=list)
+    ids: list[list[int]] = field(default_factory=list)
+
+    def add(self, out: dict[str, torch.Tensor], sequence_ids: torch.Tensor, group_size: int) -> None:
+        for k, v in out.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v.detach() / group_size
+        self.finite.append(torch.isfinite(out["total"].detach()))
+        self.ids.append(sequence_ids.tolist())
+
+    def reduce(self) -> tuple[bool, list[int], dict[str, float]]:
+        """(any rank saw a non-finite loss, this rank's sequences to blame, loss sums averaged over ranks):
+        one all-reduce and one device sync per optimizer step."""
+        keys = sorted(self.sums)  # the same on every rank: the components follow the shared weights
+        local_bad = ~torch.stack(self.finite).all()
+        vector = torch.stack([local_bad.float()] + [self.sums[k].float() for k in keys])
+        distributed.all_reduce_sum(vector)
+        values = vector.tolist()
+        bad_ids: list[int] = []
+        if values[0] > 0:  # rare: find which micro-batches of this rank were to blame
+            flags = torch.stack(self.finite).tolist()
+            bad_ids = [i for ok, ids in zip(flags, self.ids) if not ok for i in ids]
+        world = distributed.world_size()
+        return values[0] > 0, bad_ids, {k: v / world for k, v in zip(keys, values[1:])}
+
+
 def _train(s: Setup, state: LoopState, run_dir: Path, metrics) -> None:
     cfg, plan = s.cfg, s.plan
     accum, mb_per_epoch = plan.gradient_accumulation_steps, plan.micro_batches_per_epoch
     s.model.train()
-    bar = tqdm(total=plan.total_steps, initial=state.step, desc="train", unit=" step", dynamic_ncols=True,
-               disable=not _is_main())
-    tokens_per_micro = plan.global_batch * s.reader.max_length
+    bar = progress_bar(total=plan.total_steps, initial=state.step, desc="train", unit=" step", disable=not _is_main())
     while state.step < plan.total_steps:
         s.train_set.set_position(state.epoch, state.next_micro_batch)
         loader = DataLoader(s.train_set, batch_size=None, num_workers=cfg.train.num_workers,
                             pin_memory=s.device.type == "cuda", persistent_workers=False, generator=_loader_generator())
-        sums: dict[str, float] = {}
-        bad, bad_ids, step_ids, micro_in_step = False, [], [], 0
-        step_start = time.perf_counter()
+        inputs, step_start = StepInputs(), time.perf_counter()
         for batch in loader:
             b = int(batch["micro_batch"])
             group_start = b // accum * accum
@@ -720,79 +763,14 @@ def _train(s: Setup, state: LoopState, run_dir: Path, metrics) -> None:
             sync = nullcontext() if last_of_step or not distributed.active() else s.model.no_sync()
             with sync:
                 out = batch_losses(s, batch, weights)
+                # A non-finite loss is backpropagated like any other (its NaN gradients are thrown away with
+                # the whole step below), so no micro-batch has to wait for the device to know.
                 loss = out["total"] / group_size
-                if torch.isfinite(loss):
-                    (s.scaler.scale(loss) if s.scaler else loss).backward()
-                else:  # never backpropagated, never clamped: the whole step is skipped below
-                    bad = True
-                    bad_ids += batch["sequence_ids"].tolist()
-            step_ids += batch["sequence_ids"].tolist()
-            for k, v in out.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach()) / group_size
-            micro_in_step += 1
+                (s.scaler.scale(loss) if s.scaler else loss).backward()
+            inputs.add(out, batch["sequence_ids"], group_size)
             if not last_of_step:
                 continue
-            # -- optimizer step boundary --
-            bad = _any(bad)
-            grad_norm = None
-            stepped = False
-            if not bad:
-                if s.scaler:
-                    s.scaler.unscale_(s.optimizer)
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(s.model.parameters(), cfg.train.max_grad_norm))
-                if s.scaler:
-                    scale = s.scaler.get_scale()
-                    s.scaler.step(s.optimizer)  # skips by itself on inf/nan grads and lowers the scale
-                    s.scaler.update()
-                    stepped = s.scaler.get_scale() >= scale
-                elif math.isfinite(grad_norm):
-                    s.optimizer.step()
-                    stepped = True
-                else:
-                    bad = True
-            s.optimizer.zero_grad(set_to_none=True)
-            lr = s.optimizer.param_groups[0]["lr"]
-            with _quiet_scheduler_warning():
-                s.scheduler.step()
-            state.step += 1
-            state.tokens += tokens_per_micro * micro_in_step
-            # A non-finite gradient with finite losses cannot be pinned on one micro-batch: name them all.
-            bad_ids = (bad_ids or step_ids)[:64] if bad else []
-            if bad:
-                state.skipped_steps += 1
-                state.consecutive_nonfinite += 1
-                state.skipped = (state.skipped + [{"step": state.step, "sequence_ids": bad_ids}])[-10:]
-                log.warning("step %d: non-finite loss or gradient; step skipped (weights unchanged), sequences %s",
-                            state.step, bad_ids[:16])
-            elif stepped or s.scaler is None:
-                state.consecutive_nonfinite = 0
-            b_next = b + 1
-            state.epoch, state.next_micro_batch = (state.epoch + 1, 0) if b_next >= mb_per_epoch else (state.epoch, b_next)
-            elapsed = time.perf_counter() - step_start
-            state.train_seconds += elapsed
-            record = {"step": state.step, "split": "train", "epoch": state.epoch, "progress": state.step / plan.total_steps,
-                      "lr": lr, "grad_norm": grad_norm,
-                      "tokens_per_second": tokens_per_micro * micro_in_step / max(elapsed, 1e-9),
-                      "skipped_steps": state.skipped_steps, "nonfinite": bad,
-                      **{f"weight/{c}": weights[c] for c in COMPONENTS}}
-            record.update({k if k == "agreement" else f"loss/{k}": v for k, v in sums.items()})  # agreement: a metric
-            # A component with weight 0 is not computed: its raw loss is absent, its weighted share exactly 0.
-            record.update({f"weighted/{c}": weights[c] * sums[c] if weights[c] > 0 else 0.0 for c in COMPONENTS})
-            if bad:
-                record["skipped_sequence_ids"] = bad_ids
-            record = _reduce(record)  # a collective: every rank calls it
-            if metrics and (state.step % cfg.train.log_steps == 0 or bad):
-                metrics.write(_json_line(record))
-            if bad and state.consecutive_nonfinite >= cfg.train.max_consecutive_nan:
-                raise TrainingError(
-                    f"{state.consecutive_nonfinite} optimizer steps in a row had a non-finite loss or gradient "
-                    f"(train.max_consecutive_nan is {cfg.train.max_consecutive_nan}; last at step {state.step}, "
-                    f"sequences {bad_ids[:16]}); stopping. Lower train.learning_rate or loss.temperature, "
-                    "or check the cache with sad-pipe verify --full"
-                )
-            bar.update(1)
-            bar.set_postfix_str(f"loss={sums.get('total', float('nan')):.4f} lr={format_lr(lr)} "
-                                f"tok/s={record['tokens_per_second']:,.0f}" + (f" skipped={state.skipped_steps}" if state.skipped_steps else ""))
+            _end_of_step(s, state, inputs, weights, len(inputs.ids), b + 1, time.perf_counter() - step_start, metrics, bar)
             if cfg.train.eval_steps and state.step % cfg.train.eval_steps == 0 and state.step < plan.total_steps:
                 ev = evaluate(s, state.step)
                 if metrics and ev:
@@ -801,11 +779,77 @@ def _train(s: Setup, state: LoopState, run_dir: Path, metrics) -> None:
             if _is_main() and ((cfg.train.save_steps and state.step % cfg.train.save_steps == 0) or state.step == plan.total_steps):
                 save_checkpoint(s, run_dir, asdict(state))
             distributed.barrier()
-            sums, bad, bad_ids, step_ids, micro_in_step = {}, False, [], [], 0
-            step_start = time.perf_counter()
+            inputs, step_start = StepInputs(), time.perf_counter()
             if state.step >= plan.total_steps:
                 break
     bar.close()
+
+
+def _optimizer_step(s: Setup) -> tuple[float | None, bool]:
+    """Clip and step. Returns (gradient norm, whether the weights changed): a non-finite gradient skips the
+    step, and with fp16 the grad scaler skips overflowing steps by itself (and lowers its scale)."""
+    if s.scaler:
+        s.scaler.unscale_(s.optimizer)
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(s.model.parameters(), s.cfg.train.max_grad_norm))
+    if s.scaler:
+        scale = s.scaler.get_scale()
+        s.scaler.step(s.optimizer)
+        s.scaler.update()
+        return grad_norm, s.scaler.get_scale() >= scale
+    if not math.isfinite(grad_norm):
+        return grad_norm, False
+    s.optimizer.step()
+    return grad_norm, True
+
+
+def _end_of_step(s: Setup, state: LoopState, inputs: StepInputs, weights: dict[str, float], micro_batches: int,
+                 next_batch: int, elapsed: float, metrics, bar) -> None:
+    """The optimizer step boundary: skip or step, advance the schedule and the data position, log."""
+    cfg, plan = s.cfg, s.plan
+    bad, bad_ids, sums = inputs.reduce()
+    grad_norm, stepped = (None, False) if bad else _optimizer_step(s)
+    if not bad and s.scaler is None and not stepped:
+        bad = True  # finite losses, non-finite gradient
+    s.optimizer.zero_grad(set_to_none=True)
+    lr = s.optimizer.param_groups[0]["lr"]
+    with _quiet_scheduler_warning():
+        s.scheduler.step()
+    state.step += 1
+    tokens = plan.global_batch * s.reader.max_length * micro_batches
+    state.tokens += tokens
+    # A non-finite gradient with finite losses cannot be pinned on one micro-batch: name them all.
+    bad_ids = (bad_ids or [i for ids in inputs.ids for i in ids])[:64] if bad else []
+    if bad:
+        state.skipped_steps += 1
+        state.consecutive_nonfinite += 1
+        state.skipped = (state.skipped + [{"step": state.step, "sequence_ids": bad_ids}])[-10:]
+        log.warning("step %d: non-finite loss or gradient; step skipped (weights unchanged), sequences %s",
+                    state.step, bad_ids[:16])
+    elif stepped or s.scaler is None:
+        state.consecutive_nonfinite = 0
+    state.epoch, state.next_micro_batch = ((state.epoch + 1, 0) if next_batch >= plan.micro_batches_per_epoch
+                                           else (state.epoch, next_batch))
+    state.train_seconds += elapsed
+    record = {"step": state.step, "split": "train", "epoch": state.epoch, "progress": state.step / plan.total_steps,
+              "lr": lr, "grad_norm": grad_norm, "tokens_per_second": tokens / max(elapsed, 1e-9),
+              "skipped_steps": state.skipped_steps, "nonfinite": bad, **{f"weight/{c}": weights[c] for c in COMPONENTS}}
+    record.update({k if k == "agreement" else f"loss/{k}": v for k, v in sums.items()})  # agreement: a metric
+    # A component with weight 0 is not computed: its raw loss is absent, its weighted share exactly 0.
+    record.update({f"weighted/{c}": weights[c] * sums[c] if weights[c] > 0 else 0.0 for c in COMPONENTS})
+    if bad:
+        record["skipped_sequence_ids"] = bad_ids
+    if metrics and (state.step % cfg.train.log_steps == 0 or bad):
+        metrics.write(_json_line(record))
+    if bad and state.consecutive_nonfinite >= cfg.train.max_consecutive_nan:
+        raise TrainingError(
+            f"{state.consecutive_nonfinite} optimizer steps in a row had a non-finite loss or gradient "
+            f"(train.max_consecutive_nan is {cfg.train.max_consecutive_nan}; last at step {state.step}, "
+            f"sequences {bad_ids[:16]}); stopping. Lower train.learning_rate or loss.temperature, "
+            "or check the cache with sad-pipe verify --full"
+        )
+    bar.update(1)
+    bar.set_postfix_str(f"loss={sums.get('total', float('nan')):.4f} lr={format_lr(lr)} "
+                        f"tok/s={record['tokens_per_second']:,.0f}" + (f" skipped={state.skipped_steps}" if state.skipped_steps else ""))
 
 
 def _json_line(record: dict) -> str:
@@ -823,15 +867,6 @@ def _loader_generator() -> torch.Generator:
     """A private generator for a DataLoader. Each new loader iterator draws a seed; drawn from the global
     RNG it would shift dropout after a resume (the resumed run makes a loader the straight run did not)."""
     return torch.Generator().manual_seed(0)
-
-
-def _reduce(record: dict) -> dict:
-    """Average the per-rank loss figures so rank 0's metrics describe the global batch."""
-    if not distributed.active():
-        return record
-    numeric = {k: float(v) for k, v in record.items() if k.startswith(("loss/", "weighted/", "agreement"))}
-    totals = distributed.sum_figures(numeric)
-    return {**record, **{k: v / distributed.world_size() for k, v in totals.items()}}
 
 
 class _quiet_scheduler_warning:

@@ -1,6 +1,6 @@
 """Curriculum weights (curriculum.py) and what the training run does with them (train.py).
 
-The seed's bugs pinned here: feature/attention losses computed in phase 1 although their weight was 0,
+The original trainer's bugs pinned here: feature/relation losses computed in phase 1 although their weight was 0,
 and eval losses computed with other weights than training (a 6x train/eval gap).
 """
 
@@ -19,13 +19,13 @@ from sad_pipe.storage.reader import CacheDataset, CacheReader
 
 from .helpers import metrics, train, train_config
 
-DEFAULT = CurriculumConfig()  # the seed's: phase 1 kd .7 ce .3 until 30%, then feature/attention ramp in over 20%
+DEFAULT = CurriculumConfig()  # the original trainer's: phase 1 kd .7 ce .3 until 30%, then feature/relation ramp in over 20%
 
 
 def test_phase_one_feature_and_attention_weights_are_exactly_zero():
     for progress in (0.0, 0.1, 0.2999, 0.3):  # 0.3: phase 2 starts, its ramp at 0
         w = curriculum_weights(progress, DEFAULT)
-        assert w["feature"] == 0.0 and w["attention"] == 0.0, (progress, w)
+        assert w["feature"] == 0.0 and w["relation"] == 0.0, (progress, w)
         assert (w["kd"], w["ce"]) == (0.7, 0.3)
     assert curriculum_weights(0.31, DEFAULT)["feature"] > 0
 
@@ -42,9 +42,9 @@ def test_ramps_are_linear_between_phase_weights():
 
 
 def test_without_curriculum_the_weights_are_constant():
-    cfg = CurriculumConfig(use_curriculum=False, weights=Weights(kd=0.6, ce=0.4, feature=0.1, attention=0.05))
+    cfg = CurriculumConfig(use_curriculum=False, weights=Weights(kd=0.6, ce=0.4, feature=0.1, relation=0.05))
     for progress in (0.0, 0.2, 0.3, 0.5, 0.99, 1.0):
-        assert curriculum_weights(progress, cfg) == {"kd": 0.6, "ce": 0.4, "feature": 0.1, "attention": 0.05}
+        assert curriculum_weights(progress, cfg) == {"kd": 0.6, "ce": 0.4, "feature": 0.1, "relation": 0.05}
     assert phase_table(cfg, 10) == [{"phase": 1, "steps": [0, 10], "weights": step_weights(0, 10, cfg)}]
 
 
@@ -128,7 +128,7 @@ def instrumented_run(tmp_path_factory, kd_cache):
         mp.setattr(CacheDataset, "batch", batch)
         mp.setattr(train_module, "batch_losses", batch_losses)
         mp.setattr(train_module, "feature_loss", recording("feature", train_module.feature_loss))
-        mp.setattr(train_module, "relation_loss", recording("attention", train_module.relation_loss))
+        mp.setattr(train_module, "relation_loss", recording("relation", train_module.relation_loss))
         mp.setattr(LayerRouter, "forward", recording("router", LayerRouter.forward))
         mp.setattr(train_module.DistillModel, "forward", forward)
         mp.setattr(train_module, "evaluate", evaluate)
@@ -141,10 +141,10 @@ def instrumented_run(tmp_path_factory, kd_cache):
 def test_phase_one_neither_computes_nor_reads_hidden_states(instrumented_run):
     run, log = instrumented_run
     weights = {s: step_weights(s, TOTAL, DEFAULT) for s in range(TOTAL)}
-    needs_hidden = {s for s, w in weights.items() if w["feature"] > 0 or w["attention"] > 0}
+    needs_hidden = {s for s, w in weights.items() if w["feature"] > 0 or w["relation"] > 0}
     assert needs_hidden == set(range(4, TOTAL))  # steps 0-2: phase 1; step 3: phase 2 with its ramp at 0
 
-    # Every train micro-batch of a step without feature/attention lacks hidden arrays; the others hold them.
+    # Every train micro-batch of a step without feature/relation lacks hidden arrays; the others hold them.
     assert len(log["batches"]) == TOTAL * ACCUM
     for micro, hidden in log["batches"].items():
         assert bool(hidden) == (micro // ACCUM in needs_hidden), (micro, hidden)
@@ -157,19 +157,19 @@ def test_phase_one_neither_computes_nor_reads_hidden_states(instrumented_run):
     assert any({"hidden_1", "hidden_2"} <= r["arrays"] for r in late)
 
     # Nothing hidden-state related is computed at a zero weight: not the student's layers, not the losses.
-    assert {"feature", "attention", "router"} <= {name for name, _ in log["computed"]}
+    assert {"feature", "relation", "router"} <= {name for name, _ in log["computed"]}
     for name, w in log["computed"]:
         assert w["feature" if name == "router" else name] > 0, (name, w)
     for layers, w in log["forward_layers"]:
-        assert (layers is not None) == (w["feature"] > 0 or w["attention"] > 0)
+        assert (layers is not None) == (w["feature"] > 0 or w["relation"] > 0)
 
     plan = json.loads((Path(run) / "plan.json").read_text())
     assert plan["arrays_read"]["hidden"] == [[4, TOTAL]]
     for row in metrics(run):
         if row["step"] - 1 not in needs_hidden:
-            assert row["weight/feature"] == 0.0 and row["weight/attention"] == 0.0
-            assert "loss/feature" not in row and "loss/attention" not in row
-            assert row["weighted/feature"] == 0.0 and row["weighted/attention"] == 0.0
+            assert row["weight/feature"] == 0.0 and row["weight/relation"] == 0.0
+            assert "loss/feature" not in row and "loss/relation" not in row
+            assert row["weighted/feature"] == 0.0 and row["weighted/relation"] == 0.0
         else:
             assert row["loss/feature"] > 0
             assert row["weighted/feature"] == pytest.approx(row["weight/feature"] * row["loss/feature"])
@@ -181,7 +181,7 @@ def test_eval_reads_hidden_states_only_when_its_weights_need_them(instrumented_r
     assert {r["eval_step"] for r in eval_reads} == set(range(1, TOTAL + 1))
     for r in eval_reads:  # eval logged at step s uses the weights of 0-based step s - 1
         w = step_weights(r["eval_step"] - 1, TOTAL, DEFAULT)
-        assert ("hidden" in r["groups"]) == (w["feature"] > 0 or w["attention"] > 0), r
+        assert ("hidden" in r["groups"]) == (w["feature"] > 0 or w["relation"] > 0), r
         assert any(a.startswith("hidden_") for a in r["arrays"]) == ("hidden" in r["groups"])
 
 
@@ -200,5 +200,5 @@ def test_train_and_eval_at_the_same_step_use_the_same_weights(instrumented_run):
         total = sum(w[c] * row.get(f"eval/{c}", 0.0) for c in COMPONENTS)
         total += w["feature"] * balance * row.get("eval/router_balance", 0.0)
         assert row["eval/total"] == pytest.approx(total, rel=1e-6)
-        for c in ("feature", "attention"):
+        for c in ("feature", "relation"):
             assert (f"eval/{c}" in row) == (w[c] > 0)

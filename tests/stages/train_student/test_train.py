@@ -32,7 +32,7 @@ def identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     """Same tensor names, bitwise-equal values."""
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
-# -- the schedule counts optimizer steps (the seed's scheduler counted micro-batches) -----------------------
+# -- the schedule counts optimizer steps (the original trainer's scheduler counted micro-batches) -----------------------
 
 ACCUM, WARMUP, PEAK = 16, 2, 1e-3
 
@@ -133,13 +133,13 @@ def test_run_directory_holds_config_plan_metrics_plots_and_final_student(schedul
     assert [r["step"] for r in rows] == list(range(1, plan["total_steps"] + 1))
     for r in rows:
         for key in ("lr", "grad_norm", "tokens_per_second", "skipped_steps", "loss/total", "loss/ce", "loss/kd",
-                    "weighted/kd", "weighted/ce", "weighted/feature", "weighted/attention"):
+                    "weighted/kd", "weighted/ce", "weighted/feature", "weighted/relation"):
             assert math.isfinite(r[key]), key
         assert r["skipped_steps"] == 0 and r["tokens_per_second"] > 0
         router_term = r["weight/feature"] * 0.01 * r.get("loss/router_balance", 0.0)  # router_balance_weight 0.01
-        weighted = sum(r[f"weighted/{c}"] for c in ("kd", "ce", "feature", "attention"))
+        weighted = sum(r[f"weighted/{c}"] for c in ("kd", "ce", "feature", "relation"))
         assert r["loss/total"] == pytest.approx(weighted + router_term, rel=1e-5)
-    assert "loss/feature" in rows[-1] and "loss/attention" in rows[-1]  # phase 2 reached
+    assert "loss/feature" in rows[-1] and "loss/relation" in rows[-1]  # phase 2 reached
     assert metrics(run, "eval")[-1]["final"] is True
 
     png = run / "plots" / "losses.png"
@@ -314,7 +314,7 @@ def test_two_students_of_different_sizes_train_from_one_cache(tmp_path, kd_cache
 def test_ce_only_run_on_a_teacher_cache_reads_no_teacher_arrays_and_still_reports_agreement(tmp_path, kd_cache):
     """The demo's CE baseline: kd weight 0 with the default tail form. Eval reads the top-k for the agreement
     metric but not the lse, so the KL must not be computed there (it used to crash on the missing lse)."""
-    ce_only = {"use_curriculum": False, "weights": {"kd": 0.0, "ce": 1.0, "feature": 0.0, "attention": 0.0}}
+    ce_only = {"use_curriculum": False, "weights": {"kd": 0.0, "ce": 1.0, "feature": 0.0, "relation": 0.0}}
     train(train_config(tmp_path, kd_cache, curriculum=ce_only, train={"max_steps": 2, "eval_steps": 1}))
     plan = json.loads((tmp_path / "run" / "plan.json").read_text())
     assert {group: steps for group, steps in plan["arrays_read"].items() if steps} == {"input_ids": [[0, 2]]}

@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sad_pipe.pipeline.config import DataConfig
 from sad_pipe.pipeline.data import PackedDocuments, is_eval
-from sad_pipe.stages import cache_teacher
+from sad_pipe.stages.cache_teacher import runner
 from sad_pipe.storage.codecs import decode_hidden, decode_topk, torch_view
 from sad_pipe.storage.fs import CacheFS
 from sad_pipe.storage.manifest import read_commits
@@ -174,37 +174,6 @@ def assert_matches_teacher(url: str, model_path: str, layers: list[int]) -> None
             assert {n for n in got if n.startswith("hidden_")} == {f"hidden_{layer}" for layer in layers}
 
 
-@pytest.mark.parametrize("vocab, k", [(512, 16), (1000, 7), (4099, 256), (70_000, 256), (300, 256), (64, 64)])
-def test_top_k_selects_the_k_largest_with_ids_ascending(vocab, k):
-    """Exact against torch.topk whatever V and k (blocks, a ragged tail, no blocks at all), ties included:
-    k distinct ids, ascending, whose values are the k largest of the row."""
-    torch.manual_seed(vocab + k)
-    f = torch.randn(33, vocab) * 3
-    f[0] = 1.0  # every entry tied
-    f[1, ::3] = f[1].max() + 1  # ties at the top, spread over every block
-    f[2, -3:] = f[2].max() + 1  # the largest entries in the ragged tail past the last whole block
-    values, ids = cache_teacher.top_k(f, k)
-    assert values.shape == ids.shape == (33, k)
-    assert (ids.diff(dim=-1) > 0).all()
-    assert torch.equal(values, f.gather(1, ids))
-    assert torch.equal(values.sort(dim=-1).values, f.topk(k, dim=-1).values.sort(dim=-1).values)
-    untied = slice(3, None)  # distinct random values: the very ids torch.topk picks
-    assert torch.equal(ids[untied], f[untied].topk(k, dim=-1).indices.sort(dim=-1).values)
-
-
-@pytest.mark.parametrize("temperatures", [[1.0], [1.0, 2.0], [2.0, 1.0, 4.0], [0.5, 1.0, 3.0], [1.0, 1.5, 2.0]])
-def test_logsumexp_at_each_temperature_and_nan_for_bad_rows(temperatures):
-    torch.manual_seed(len(temperatures))
-    f = torch.randn(9, 777) * 4
-    f[3, 10] = float("-inf")  # a masked-out logit is fine
-    f[4, 0], f[5, 1] = float("nan"), float("inf")
-    got = cache_teacher.logsumexp(f, f.amax(-1), temperatures, torch.empty_like(f))
-    good = [0, 1, 2, 3, 6, 7, 8]
-    for j, t in enumerate(temperatures):
-        torch.testing.assert_close(got[good, j], torch.logsumexp(f[good] / t, -1), rtol=1e-6, atol=1e-5)
-    assert got[[4, 5]].isnan().all()
-
-
 def test_llama_cache_matches_a_direct_forward(reference, assets):
     assert_matches_teacher(reference, assets["llama"], [1, 2])
 
@@ -217,7 +186,7 @@ def test_llama_cache_matches_a_direct_forward(reference, assets):
 def test_other_teachers_and_encodings_match_a_direct_forward(tmp_path, docs_path, assets, monkeypatch, teacher, values,
                                                              layers, fused):
     if not fused:
-        monkeypatch.setattr(cache_teacher, "_plain_head", lambda model, vocab: False)
+        monkeypatch.setattr(runner, "has_plain_head", lambda model, vocab: False)
     config = write_config(tmp_path, assets[teacher], docs_path, teacher={"layers": layers}, cache={"values": values})
     run(config)
     assert_matches_teacher(cache_path(config), assets[teacher], layers)
@@ -225,7 +194,7 @@ def test_other_teachers_and_encodings_match_a_direct_forward(tmp_path, docs_path
 
 def test_the_head_is_fused_only_when_it_reproduces_the_model_logits(assets):
     model = AutoModelForCausalLM.from_pretrained(assets["llama"]).eval()
-    assert cache_teacher._plain_head(model, 512)
+    assert runner.has_plain_head(model, 512)
     forward = model.forward
 
     def soft_capped(*args, **kwargs):  # like Gemma 2's final_logit_softcapping, applied after the head
@@ -234,7 +203,7 @@ def test_the_head_is_fused_only_when_it_reproduces_the_model_logits(assets):
         return out
 
     model.forward = soft_capped
-    assert not cache_teacher._plain_head(model, 512)
+    assert not runner.has_plain_head(model, 512)
 
 
 def test_a_vocabulary_above_65535_is_stored_as_uint32(tmp_path):
@@ -289,7 +258,7 @@ def test_rerunning_a_complete_cache_does_nothing(reference, assets, docs_path, t
 
 def failing_on_call(monkeypatch, n: int, error: BaseException) -> None:
     """The teacher raises `error` on its n-th batch (batches 4i+1 to 4i+4 make shard i)."""
-    original, calls = cache_teacher.TeacherRunner.__call__, []
+    original, calls = runner.TeacherRunner.__call__, []
 
     def call(self, input_ids):
         calls.append(1)
@@ -297,7 +266,7 @@ def failing_on_call(monkeypatch, n: int, error: BaseException) -> None:
             raise error
         return original(self, input_ids)
 
-    monkeypatch.setattr(cache_teacher.TeacherRunner, "__call__", call)
+    monkeypatch.setattr(runner.TeacherRunner, "__call__", call)
 
 
 def test_an_exception_mid_run_resumes_to_the_uninterrupted_cache(reference, assets, docs_path, tmp_path, monkeypatch):

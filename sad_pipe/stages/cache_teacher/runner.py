@@ -1,0 +1,117 @@
+"""The teacher on its device: one batch of token ids in, the arrays a shard stores out.
+
+Only these cross to the host: top-k, lse and the selected layers, never [B, T, V] logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sad_pipe.pipeline.config import Config
+from sad_pipe.stages.cache_teacher.vocab import chunk_rows, logsumexp, top_k
+from sad_pipe.storage.codecs import TopKScheme, encode_hidden, encode_topk
+from sad_pipe.storage.manifest import hidden_name, topk_scheme
+
+
+def has_plain_head(model, vocab: int) -> bool:
+    """True when the logits are output_embeddings(base_model(...).last_hidden_state) and nothing else
+    (no soft-capping, no scaling). Then the runner projects chunk by chunk and never holds [B*T, V]
+    logits; otherwise it asks the model for its logits."""
+    base, head = getattr(model, "base_model", model), model.get_output_embeddings()
+    if base is model or head is None:
+        return False
+    ids = (torch.arange(16, device=head.weight.device) % vocab).unsqueeze(0)
+    try:
+        with torch.inference_mode():
+            full = model(input_ids=ids, use_cache=False).logits
+            mine = head(base(input_ids=ids, use_cache=False).last_hidden_state)
+    except Exception:  # noqa: BLE001 - any surprise means: use the model's own logits
+        return False
+    return torch.equal(full.float(), mine.float())
+
+
+@dataclass
+class TeacherRunner:
+    model: torch.nn.Module
+    device: torch.device
+    scheme: TopKScheme
+    temperatures: list[float]
+    layers: list[int]
+    hidden_dtype: str
+    store_target_logprob: bool
+
+    def __post_init__(self):
+        self.head = self.model.get_output_embeddings()
+        self.vocab = int(self.head.weight.shape[0])
+        self.plain_head = has_plain_head(self.model, self.vocab)
+        # logsumexp at T = 1 gives the target log-prob; computed even when not a cached temperature.
+        self.lse_temperatures = self.temperatures + ([] if 1.0 in self.temperatures else [1.0])
+        self.chunk = chunk_rows(self.device, self.vocab)
+        # [chunk, V] buffers reused by every chunk: on a CPU the page faults of a fresh multi-MB tensor
+        # cost more than the exp computed in it.
+        self.work = torch.empty(self.chunk, self.vocab, device=self.device)
+        plain_linear = isinstance(self.head, torch.nn.Linear) and self.head.bias is None
+        self.logit_buffer = (torch.empty(self.chunk, self.vocab, device=self.device, dtype=self.head.weight.dtype)
+                             if self.plain_head and plain_linear else None)
+
+    @torch.inference_mode()
+    def __call__(self, input_ids: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """input_ids [B, T] on the device -> (stored arrays [B, T, ...], per-batch stats), all on the device."""
+        b, t = input_ids.shape
+        # transformers 5 records hidden states with forward hooks (utils/output_capturing) and, given a
+        # list of indices, keeps only those: the other layers' outputs are never held.
+        hidden = list(self.layers) or False
+        if self.plain_head:
+            out = self.model.base_model(input_ids=input_ids, use_cache=False, output_hidden_states=hidden)
+            rows = out.last_hidden_state.reshape(b * t, -1)
+        else:
+            out = self.model(input_ids=input_ids, use_cache=False, output_hidden_states=hidden)
+            rows = out.logits.reshape(b * t, -1)
+        # The teacher's prediction at position i is scored against token i + 1; the last position
+        # of a sequence has no next token in it, so its target log-prob is 0 and it is left out of stats.
+        next_ids = torch.cat([input_ids[:, 1:], input_ids[:, :1]], dim=1).reshape(-1)
+        has_next = (torch.arange(t, device=self.device) < t - 1).repeat(b)
+        parts = [self._vocab_pass(rows[s:s + self.chunk], next_ids[s:s + self.chunk]) for s in range(0, b * t, self.chunk)]
+        vals, ids, lse, target = (torch.cat(p) for p in zip(*parts))
+        target = torch.where(has_next, target, torch.zeros((), device=self.device))
+        n_cached = len(self.temperatures)
+        bad = ~(torch.isfinite(vals).all(-1) & torch.isfinite(lse).all(-1))
+
+        arrays = {k: v.reshape(b, t, *v.shape[1:]) for k, v in encode_topk(vals, ids, self.scheme, ids_ascending=True).items()}
+        arrays["lse"] = lse[:, :n_cached].reshape(b, t, -1)
+        if self.store_target_logprob:
+            arrays["target_logprob"] = target.reshape(b, t)
+        for layer in self.layers:
+            enc = encode_hidden(out.hidden_states[layer].reshape(b * t, -1), self.hidden_dtype)
+            arrays[hidden_name(layer)] = enc["values"].reshape(b, t, -1)
+            if "scale" in enc:
+                arrays[hidden_name(layer) + "_scale"] = enc["scale"].reshape(b, t)
+        # top-k probability mass at each cached T: how much of the distribution the cache keeps exactly.
+        temps = torch.tensor(self.temperatures, device=self.device)
+        mass = torch.exp(torch.logsumexp(vals.unsqueeze(1) / temps[:, None], -1) - lse[:, :n_cached])
+        top1 = ids.gather(1, vals.argmax(-1, keepdim=True)).squeeze(1) == next_ids
+        stats = {"bad_rows": bad.reshape(b, t).any(-1), "topk_mass": mass.sum(0),
+                 "target_nll": (-target * has_next).sum(), "target_top1": (top1 & has_next).sum(),
+                 "target_count": has_next.sum()}
+        return arrays, stats
+
+    def _vocab_pass(self, rows: torch.Tensor, next_ids: torch.Tensor):
+        """One chunk of positions: (top-k values, top-k ids, lse per T, log-prob of the next token)."""
+        if self.logit_buffer is not None:  # what the Linear head computes, into the reused buffer
+            f = torch.mm(rows, self.head.weight.t(), out=self.logit_buffer[:len(rows)]).float()
+        else:
+            f = (self.head(rows) if self.plain_head else rows).float()
+        vals, ids = top_k(f, self.scheme.k)
+        lse = logsumexp(f, vals.amax(-1), self.lse_temperatures, self.work[:len(rows)])
+        lse1 = lse[:, self.lse_temperatures.index(1.0)]
+        return vals, ids, lse, f.gather(-1, next_ids.unsqueeze(-1)).squeeze(-1) - lse1
+
+
+def make_runner(cfg: Config, teacher, device: torch.device, identity: dict) -> TeacherRunner | None:
+    """The runner stage one (and its dry run) uses for this config; None for a tokens-only cache."""
+    if teacher is None:
+        return None
+    return TeacherRunner(teacher, device, topk_scheme(identity), list(cfg.cache.temperatures), list(cfg.teacher.layers),
+                         cfg.cache.hidden_dtype, cfg.cache.store_target_logprob)

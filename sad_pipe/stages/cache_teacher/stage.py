@@ -1,0 +1,181 @@
+"""Stage one: run the teacher once over the data and fill the cache.
+
+    run(config) -> summary
+      1. tokenizer + teacher; the cache identity (teacher, tokenizer, data, packing, k, layers, dtypes)
+      2. plan: reuse the existing one (same identity) or tokenize + pack into tokens/ and plan.json
+      3. every uncommitted shard: teacher forward -> top-k, logsumexp, hidden states on the device ->
+         host -> encode, write and commit in a background thread, behind the next forward
+      4. finalize: per-sequence index, then manifest.json (last, only when every shard is committed)
+
+Re-running the same command resumes: committed shards are skipped, leftovers are deleted first.
+Without a teacher (`teacher.model: null`) the cache holds tokens only, which is how the demo trains
+its teacher with the same train-student path. Under torchrun, rank 0 plans and every rank writes the
+shards whose id is its rank modulo the world size.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import numpy as np
+import torch
+
+from sad_pipe.errors import CacheError
+from sad_pipe.pipeline import distributed
+from sad_pipe.pipeline.config import Config
+from sad_pipe.pipeline.progress import progress_bar
+from sad_pipe.stages.cache_teacher.dry_run import dry_run as plan_only
+from sad_pipe.stages.cache_teacher.plan import (
+    TOKENIZED,
+    cache_identity,
+    check_free_space,
+    create,
+    load_teacher,
+    open_cache,
+    tokenize_share,
+    tokenized_batches,
+)
+from sad_pipe.stages.cache_teacher.runner import TeacherRunner, make_runner
+from sad_pipe.stages.cache_teacher.sink import ShardSink, TeacherOutputError
+from sad_pipe.storage.fs import CacheFS
+from sad_pipe.storage.manifest import Plan, cache_id, missing_shards, read_commits, read_plan
+from sad_pipe.storage.verify import collect_garbage
+from sad_pipe.storage.writer import ShardWriter, finalize
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: Config, *, dry_run: bool = False) -> dict:
+    """Stage one. Returns the cache summary (also saved in the manifest)."""
+    cfg.require("data.path", "cache.path")
+    start = time.perf_counter()
+    tokenizer, teacher, device, tok_name = load_teacher(cfg)
+    identity = cache_identity(cfg, tokenizer, teacher, tok_name)
+    if dry_run:
+        return plan_only(cfg, tokenizer, teacher, device, identity)
+    rank, world = distributed.rank(), distributed.world_size()
+    cache, plan = open_cache(cfg, identity)
+    if cache.exists("manifest.json") and plan is not None:
+        log.info("cache %s is complete; nothing to do", cfg.cache.path)
+        return {**cache.read_json("manifest.json")["summary"], "already_complete": True}
+    if rank == 0:  # leftovers of an earlier crash; no other writer runs before the barrier
+        collect_garbage(cache, unplanned=plan is None)
+    batches = None
+    if plan is None and world > 1:  # every rank tokenizes a share of the documents, rank 0 packs them
+        distributed.barrier()
+        count = tokenize_share(cfg, cache, tokenizer, rank, world)
+        distributed.barrier()
+        batches = tokenized_batches(cache, count)
+    if rank == 0:
+        if plan is None:
+            plan = create(cfg, cache, tokenizer, identity, batches)
+            if batches is not None:
+                cache.remove(TOKENIZED)
+        if not cache.exists("config.json"):  # verify --repair reruns it; a kill may come right after plan.json
+            cache.write_atomic("config.json", (json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
+    distributed.barrier()
+    plan = read_plan(cache)
+    missing = missing_shards(plan, read_commits(cache))
+    todo = [(s, i) for s, i in missing if i % world == rank]
+    figures = {"forward_seconds": 0.0, "fill_seconds": 0.0, "tokens": 0, "committed": 0}
+    runner = make_runner(cfg, teacher, device, identity)
+    if rank == 0 and runner is not None:
+        check_free_space(cache, plan, missing)
+    if runner is not None and todo:
+        planned = sum(len(v["shards"]) for v in plan.splits.values())
+        log.info("teacher: %d shards to write (%d already committed)", len(todo), planned - len(missing))
+        figures = _fill(cfg, cache, plan, runner, todo, rank)
+    figures = distributed.sum_figures(figures)
+    distributed.barrier()
+    commits = read_commits(cache)  # again: every rank has committed its shards since
+    summary = _summary(plan, commits, {
+        "wall_seconds": time.perf_counter() - start, "teacher_forward_seconds": figures["forward_seconds"],
+        "fill_seconds": figures["fill_seconds"],
+        "teacher_tokens_per_second": figures["tokens"] / figures["forward_seconds"] if figures["forward_seconds"] else None,
+        "cache_id": cache_id(plan.identity),
+    })
+    if rank == 0:
+        if missing_shards(plan, commits):
+            raise CacheError(f"{len(missing_shards(plan, commits))} shards are still missing (another rank failed?); "
+                             "re-run to finish")
+        finalize(cache, summary)
+    distributed.barrier()
+    return summary
+
+
+def _fill(cfg: Config, cache: CacheFS, plan: Plan, runner: TeacherRunner, todo: list[tuple[str, int]], rank: int) -> dict:
+    """Run the teacher over the planned shards in `todo`; returns timing figures."""
+    import zarr
+
+    t_len = plan.identity["packing"]["max_length"]
+    total = sum(plan.splits[s]["shards"][i][1] - plan.splits[s]["shards"][i][0] for s, i in todo)
+    token_arrays = {s: zarr.open_array(store=cache.zarr_store(f"{t['dir']}/input_ids", read_only=True), mode="r")
+                    for s, t in plan.tokens.items()}
+    sink = ShardSink(runner.temperatures, cfg.cache.queue_depth)
+    bar = progress_bar(total=total, desc=f"teacher{f' rank {rank}' if distributed.world_size() > 1 else ''}", unit=" seq",
+               dynamic_ncols=True, position=rank)
+    forward_s, done_tokens, start = 0.0, 0, time.perf_counter()
+    current = None
+    try:
+        for split, shard in todo:
+            a, b = plan.splits[split]["shards"][shard]
+            current = ShardWriter(cache, plan, split, shard, rank=rank)
+            ids_all = token_arrays[split][a:b].astype(np.int64)
+            for s in range(0, b - a, cfg.teacher.batch_size):
+                batch = torch.from_numpy(ids_all[s:s + cfg.teacher.batch_size]).to(runner.device, non_blocking=True)
+                t0 = time.perf_counter()
+                arrays, stats = runner(batch)
+                forward_s += time.perf_counter() - t0
+                sink.submit(current, arrays, stats, np.arange(a + s, a + s + len(batch)))
+                done_tokens += len(batch) * t_len
+                bar.update(len(batch))
+                committed_tokens = sum(r["stats"]["tokens"] for r in sink.committed)
+                bar.set_postfix_str(f"{done_tokens / (time.perf_counter() - start):,.0f} tok/s"
+                                    + (f", {sink.bytes / committed_tokens:,.0f} B/token" if committed_tokens else ""))
+            current = None  # fully submitted: the sink commits it
+        sink.close()
+    except BaseException:
+        if current is not None:  # Ctrl-C or an error mid-shard: that shard is discarded, earlier ones still commit
+            sink.discard(current)
+        try:
+            sink.close()
+        except TeacherOutputError as exc:  # the writer's own error explains more than the interrupt
+            raise exc from None
+        except BaseException as exc:  # noqa: BLE001 - the original error is the one to report
+            log.debug("writer error after interrupt: %s", exc)
+        raise
+    finally:
+        bar.close()
+    return {"forward_seconds": forward_s, "fill_seconds": time.perf_counter() - start, "tokens": done_tokens,
+            "committed": len(sink.committed)}
+
+
+def _summary(plan: Plan, commits: dict, figures: dict) -> dict:
+    per_array: dict[str, int] = {}
+    stats: dict[str, dict[str, float]] = {s: {} for s in plan.splits}
+    for (split, _), record in commits.items():
+        for name, info in record["files"].items():
+            array = name.split("/", 1)[0] if "/" in name else "metadata"  # the group's own zarr.json
+            per_array[array] = per_array.get(array, 0) + info["size"]
+        for k, v in record["stats"].items():
+            stats[split][k] = stats[split].get(k, 0.0) + v
+    token_bytes = sum(f["size"] for t in plan.tokens.values() for f in t["files"].values())
+    tokens = sum(s["tokens"] for s in plan.splits.values())
+    total = sum(per_array.values()) + token_bytes
+    out = {
+        "sequences": {s: v["sequences"] for s, v in plan.splits.items()},
+        "tokens": tokens, "shards": len(commits), "bytes": total, "bytes_per_token": total / tokens,
+        "bytes_per_token_by_array": {"input_ids": token_bytes / tokens, **{k: v / tokens for k, v in sorted(per_array.items())}},
+        **figures,
+    }
+    for split, st in stats.items():
+        if st.get("target_count"):
+            out[f"teacher_{split}_ce"] = st["target_nll"] / st["target_count"]
+            out[f"teacher_{split}_top1"] = st["target_top1"] / st["target_count"]
+        for t in plan.identity["temperatures"]:
+            if f"topk_mass_T{t:g}" in st:
+                out.setdefault("topk_mass", {}).setdefault(f"T{t:g}", 0.0)
+                out["topk_mass"][f"T{t:g}"] += st[f"topk_mass_T{t:g}"] / tokens
+    return out
