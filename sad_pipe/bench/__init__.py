@@ -5,6 +5,7 @@
     online-kd      training from the cache vs online KD: tokens/s and peak memory      (online_kd.py)
     loader         sequences/s the loader delivers ÷ sequences/s the student consumes  (loader.py)
     kd-loss        chunked CE + KD at V = 128k vs the full [N, V] fp32 version          (kd_loss.py)
+    fingerprint    hashing the teacher's files: GB/s cold and warm, memo hit, ÷ stage one (fingerprint.py)
 
 Everything is built offline inside the run (assets.py): corpus, tokenizers, teachers, caches.
 results.json holds every repetition; results.md the tables. Environment:
@@ -42,6 +43,7 @@ BENCHMARKS = {
     "online-kd": "sad_pipe.bench.online_kd",
     "loader": "sad_pipe.bench.loader",
     "kd-loss": "sad_pipe.bench.kd_loss",
+    "fingerprint": "sad_pipe.bench.fingerprint",
 }
 QUIET_ENV = {"TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
