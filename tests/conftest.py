@@ -17,9 +17,9 @@ import tempfile
 # user's home go to one directory for the session (removed at exit), also for every subprocess.
 _HOME_CACHES = tempfile.mkdtemp(prefix="sad-pipe-tests-home-")
 atexit.register(shutil.rmtree, _HOME_CACHES, ignore_errors=True)
-for _var, _sub in (("HF_HOME", "hf"), ("HF_DATASETS_CACHE", "hf/datasets"), ("MPLCONFIGDIR", "matplotlib"),
-                   ("XDG_CACHE_HOME", "xdg"), ("SAD_PIPE_CACHE_HOME", "sad-pipe")):
-    os.environ[_var] = os.path.join(_HOME_CACHES, _sub)
+os.environ.update({var: os.path.join(_HOME_CACHES, sub) for var, sub in (
+    ("HF_HOME", "hf"), ("HF_DATASETS_CACHE", "hf/datasets"), ("MPLCONFIGDIR", "matplotlib"), ("XDG_CACHE_HOME", "xdg"),
+    ("SAD_PIPE_CACHE_HOME", "sad-pipe"))})
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -27,11 +27,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # DataLoader workers: OpenMP threads spinning against each other made runs up to 8x slower.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import pytest
-import torch
-from click.testing import CliRunner
+import pytest  # noqa: E402 - after the environment above is set
+import torch  # noqa: E402 - after the environment above is set
+from click.testing import CliRunner  # noqa: E402 - after the environment above is set
 
-from sad_pipe.cli import main
+from sad_pipe.cli import main  # noqa: E402 - after the environment above is set
 
 torch.set_num_threads(1)
 
@@ -75,6 +75,29 @@ def word_tokenizer(path: str, vocab_size: int) -> str:
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>").save_pretrained(path)
+    return path
+
+
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def special_tokenizer(path: str, texts: list[str], *, bos: bool, chat: bool, vocab_size: int = 506) -> str:
+    """A BPE tokenizer like a real LLM's: with `bos`, tokenizer(text) starts with its BOS `<s>` (Llama,
+    Gemma); with `chat`, role tokens and a chat template (an Instruct model's). Without either it adds nothing,
+    like Qwen's or GPT-2's. At most 511 tokens, so the tests' 512-logit teachers take it."""
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(train_bpe(path, vocab_size, texts))
+    tok.add_special_tokens({"bos_token": "<s>", "additional_special_tokens": ["<|system|>", "<|user|>", "<|assistant|>",
+                                                                              "<|end|>"]})
+    if bos:
+        tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.bos_token_id)])
+    if chat:
+        tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(path)
     return path
 
 

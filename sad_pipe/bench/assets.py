@@ -156,8 +156,8 @@ class Assets:
 
         data = DataConfig(path=str(self.corpus() / "held-out.jsonl"), max_length=self.max_length, eval_fraction=0.0)
         seqs = []
-        for _, seq, _ in PackedDocuments(data, load_tokenizer(str(self.tokenizer(vocab)))):
-            seqs.append(seq)
+        for seq in PackedDocuments(data, load_tokenizer(str(self.tokenizer(vocab)))):
+            seqs.append(seq.input_ids)
             if len(seqs) == count:
                 break
         return torch.from_numpy(np.stack(seqs))

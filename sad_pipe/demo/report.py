@@ -152,13 +152,8 @@ def _plots(demo: Path, runs: dict[str, dict[str, Path]]) -> list[Path]:
             ax_eval.plot([r["step"] for r in ev], [r["eval/ce"] for r in ev], marker="o", label=m)
             ax_train.plot([r["step"] for r in tr], [r["loss/ce"] for r in tr], label=m, alpha=0.8)
         for ax, title in ((ax_eval, "eval CE"), (ax_train, "train CE (raw component)")):
-            ax.set_title(f"{variant}: {title}")
-            ax.set_xlabel("optimizer step")
-            ax.legend(fontsize=8)
-        fig.tight_layout()
-        paths.append(out_dir / f"{variant}-ce.png")
-        fig.savefig(paths[-1], dpi=100)
-        plt.close(fig)
+            _label(ax, f"{variant}: {title}", 8)
+        paths.append(_save(fig, out_dir / f"{variant}-ce.png", 100))
 
         fig, axes = plt.subplots(1, len(methods), figsize=(4 * len(methods), 3.6), squeeze=False)
         for ax, m in zip(axes[0], _ordered(methods)):
@@ -166,14 +161,24 @@ def _plots(demo: Path, runs: dict[str, dict[str, Path]]) -> list[Path]:
             for key in sorted({k for r in rows for k in r if k.startswith("loss/") and k not in ("loss/agreement",)}):
                 pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], label=key[5:])
-            ax.set_title(f"{variant} / {m}")
-            ax.set_xlabel("optimizer step")
-            ax.legend(fontsize=7)
-        fig.tight_layout()
-        paths.append(out_dir / f"{variant}-components.png")
-        fig.savefig(paths[-1], dpi=90)
-        plt.close(fig)
+            _label(ax, f"{variant} / {m}", 7)
+        paths.append(_save(fig, out_dir / f"{variant}-components.png", 90))
     return paths
+
+
+def _label(ax, title: str, legend_size: int) -> None:
+    ax.set_title(title)
+    ax.set_xlabel("optimizer step")
+    ax.legend(fontsize=legend_size)
+
+
+def _save(fig, path: Path, dpi: int) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
 
 
 def build_comparison(root: Path) -> str:

@@ -53,8 +53,14 @@ class DataConfig(Section):
     """Dataset split to read; the eval split is held out of it (see eval_fraction)."""
     revision: str | None = None
     """Hub revision of the dataset."""
+    format: Literal["text", "messages"] = "text"
+    """text: one document per row (text_field). messages: one conversation per row (messages_field, a list of {"role", "content"} as TRL and the HF chat datasets use), rendered with the tokenizer's chat template."""  # noqa: E501
     text_field: str = "text"
-    """Column holding the document text."""
+    """Column holding the document text (format text)."""
+    messages_field: str = "messages"
+    """Column holding the conversation (format messages)."""
+    packing: Literal["documents", "stream"] = "documents"
+    """documents: each packed document is attended as if it stood alone (positions restart, no attention across documents; for teacher and student). stream: attention runs across the packed documents, for teachers trained that way."""  # noqa: E501
     max_documents: int | None = Field(None, gt=0)
     """Read at most this many documents (null: all)."""
     streaming: bool = False
@@ -182,8 +188,10 @@ class LossConfig(Section):
     """Project student states to the teacher's width; false requires equal widths."""
     router_balance_weight: float = Field(0.01, ge=0)
     """Weight of the regulariser keeping the router's average choice spread over the teacher layers."""
+    mask: Literal["all", "assistant"] | None = None
+    """Which tokens CE and KD train on: all, or only the assistant's tokens of chat data (format messages). null: assistant for messages, all for text. Stage one stores teacher outputs only where it trains; stage two follows the cache."""  # noqa: E501
     mask_document_edges: bool = False
-    """Do not train on predicting the first token of a document from the end of the previous one."""
+    """data.packing stream only: do not train on predicting the first token of a document from the end of the previous one (with packing documents that never happens)."""  # noqa: E501
     chunk_tokens: int = Field(1024, gt=0)
     """Tokens per chunk of the vocabulary-sized loss pass (bounds its memory; never a [B,T,V] fp32 tensor)."""
 

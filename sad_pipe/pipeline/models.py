@@ -69,6 +69,37 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
+def _merges(tokenizer) -> list | None:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return json.loads(backend.to_str())["model"].get("merges") if backend is not None else None
+
+
+def check_same_vocabulary(reference, other, what: str) -> list[str]:
+    """Refuse `other` unless it is `reference`'s vocabulary: every token both have maps to the same id, no
+    id below len of the shorter one means a token only one of them has, and the BPE merges agree. Special-
+    token names and chat templates may differ (an Instruct teacher and its base student share a vocabulary).
+    Returns warnings: tokens only one of them has, past the shared range (the cache never holds them:
+    its ids are below its own tokenizer's size, which the caller checks against the student's logits)."""
+    a, b = reference.get_vocab(), other.get_vocab()
+    shared = min(len(reference), len(other))
+    for token in sorted(a.keys() & b.keys(), key=lambda tok: a[tok]):
+        if a[token] != b[token]:
+            raise ModelError(f"{what} uses another vocabulary than the cache's teacher: token {token!r} is id {b[token]} "
+                             f"there, {a[token]} in the cache's tokenizer; a student must share the teacher's "
+                             "vocabulary for its logits to mean the same tokens")
+    only = sorted([(i, t, "the cache's tokenizer") for t, i in a.items() if t not in b]
+                  + [(i, t, what) for t, i in b.items() if t not in a])
+    inside = [x for x in only if x[0] < shared]
+    if inside:
+        i, token, owner = inside[0]
+        raise ModelError(f"{what} uses another vocabulary than the cache's teacher: id {i} is {token!r} only in {owner}; "
+                         "a student must share the teacher's vocabulary for its logits to mean the same tokens")
+    if _merges(reference) != _merges(other):
+        raise ModelError(f"{what} uses another vocabulary than the cache's teacher: the same tokens but other BPE merges, "
+                         "so the same text becomes other ids")
+    return [f"{what}: token {t!r} (id {i}) exists only in {owner}" for i, t, owner in only]
+
+
 def config_hash(config) -> str:
     d = config.to_dict()
     for key in ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash", "architectures"):
@@ -125,9 +156,20 @@ def teacher_identity(model, name: str, revision: str | None) -> dict:
     }
 
 
-def build_student(config: dict | None, model: str | None, *, vocab_size: int, revision: str | None = None,
+VOCAB_MULTIPLE = 64  # embedding rows a fresh student is padded to (tensor-core friendly; Qwen pads the same way)
+
+
+def padded_vocab_size(tokens: int) -> int:
+    return -(-tokens // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
+def build_student(config: dict | None, model: str | None, *, tokenizer, revision: str | None = None,
                   trust_remote_code: bool = False):
-    """A fresh student from an HF config dict, or a pretrained one. Returns it in float32 on CPU."""
+    """A fresh student from an HF config dict, or a pretrained one. Returns it in float32 on CPU.
+
+    A fresh student takes its special tokens from the tokenizer (bos, eos; pad only when the tokenizer has a
+    pad token of its own: a pad id makes that embedding row untrainable) and, unless the config sets
+    vocab_size, an embedding table of len(tokenizer) rows padded to a multiple of 64."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if model is not None:
@@ -135,9 +177,27 @@ def build_student(config: dict | None, model: str | None, *, vocab_size: int, re
                               trust_remote_code=trust_remote_code, what="student")
     fields = dict(config)
     model_type = fields.pop("model_type")
-    fields.setdefault("vocab_size", vocab_size)
+    fields.setdefault("vocab_size", padded_vocab_size(len(tokenizer)))
+    special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+               "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id not in
+               (None, tokenizer.eos_token_id, tokenizer.bos_token_id) else None}
+    for key, value in special.items():
+        if key in fields and fields[key] != value:
+            log.warning("student.config.%s %s: the tokenizer's is %s, which the student takes", key, fields[key], value)
+        fields[key] = value
     try:
         hf_config = AutoConfig.for_model(model_type, **fields)
         return AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
     except Exception as exc:  # noqa: BLE001 - unknown model type or inconsistent sizes: both are the user's config
         raise ModelError(f"student.config: cannot build a {model_type!r} model ({_first_line(exc)})") from None
+
+
+def generation_config_for(model, tokenizer):
+    """What `generate` needs to stop: the tokenizer's EOS (and pad, for batches), and the rows of a padded
+    embedding table suppressed (no token, never trained: they must never be sampled)."""
+    from transformers import GenerationConfig
+
+    vocab = vocab_size_of(model)
+    return GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+                            suppress_tokens=list(range(len(tokenizer), vocab)) or None)

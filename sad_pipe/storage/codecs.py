@@ -33,6 +33,11 @@ def id_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.uint32)
 
 
+def position_dtype(max_length: int) -> np.dtype:
+    """Positions within a sequence of max_length tokens."""
+    return id_dtype(max_length)
+
+
 @dataclass(frozen=True)
 class TopKScheme:
     """Everything a reader needs to decode the top-k arrays; derived from the cache identity."""

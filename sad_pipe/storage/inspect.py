@@ -37,8 +37,9 @@ def describe(url: str) -> dict:
                    "committed": len(commits), "missing": len(missing) if plan.arrays else 0},
         "bytes_on_disk": on_disk,
     }
-    out.update(_bytes_per_token(plan, commits))
-    mass = _topk_mass(ident["temperatures"], commits)
+    out.update(bytes_per_token(plan, commits))
+    out.update(stored_positions(plan))
+    mass = topk_mass(ident["temperatures"], commits)
     if mass:
         out["topk_mass"] = mass
     if cache.exists("manifest.json"):
@@ -52,7 +53,7 @@ def describe(url: str) -> dict:
     return out
 
 
-def _bytes_per_token(plan, commits: dict) -> dict:
+def bytes_per_token(plan, commits: dict) -> dict:
     """Bytes on disk per token, in total and per array, from the sizes the plan and commit records hold.
 
     input_ids counts every file of tokens/ (ids, document spans, metadata) over all planned tokens; a
@@ -76,15 +77,24 @@ def _bytes_per_token(plan, commits: dict) -> dict:
     return {"bytes_per_token": total, "bytes_per_token_by_array": by_array}
 
 
-def _topk_mass(temperatures: list[float], commits: dict) -> dict[str, float]:
-    """Mean teacher probability inside the cached top-k at each cached T, over the committed tokens.
+def stored_positions(plan) -> dict:
+    """How many positions are trained and so hold teacher outputs (the rest, a prompt or a document's last
+    token before the next document, are stored as zeros), over all and per split."""
+    tokens = sum(v["tokens"] for v in plan.splits.values())
+    trained = sum(v.get("trained_positions", v["tokens"]) for v in plan.splits.values())
+    return {"stored_positions": trained, "stored_positions_share": trained / tokens if tokens else 0.0}
 
-    The writer sums each shard's `stats`; stage one records `topk_mass_T<t>` as a sum over tokens."""
+
+def topk_mass(temperatures: list[float], commits: dict) -> dict[str, float]:
+    """Mean teacher probability inside the cached top-k at each cached T, over the committed trained positions.
+
+    The writer sums each shard's `stats`; stage one records `topk_mass_T<t>` as a sum over positions and
+    `positions` as their count."""
     out = {}
     for t in temperatures:
         key = f"topk_mass_T{t:g}"
         records = [r for r in commits.values() if key in r["stats"]]
-        tokens = sum(r["stats"]["tokens"] for r in records)
-        if tokens:
-            out[f"T{t:g}"] = sum(r["stats"][key] for r in records) / tokens
+        positions = sum(r["stats"].get("positions", r["stats"]["tokens"]) for r in records)
+        if positions:
+            out[f"T{t:g}"] = sum(r["stats"][key] for r in records) / positions
     return out

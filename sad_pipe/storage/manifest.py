@@ -21,7 +21,7 @@ from sad_pipe.storage.codecs import HIDDEN_DTYPES, TopKScheme, compressor_for
 from sad_pipe.storage.fs import CacheFS
 
 FORMAT = "sad-pipe-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SPLITS = ("train", "eval")
 
 

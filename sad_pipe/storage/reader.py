@@ -2,7 +2,7 @@
 
 Readers only see committed data: a cache opens through its manifest, which exists only once every
 shard is committed. Reads ask for *field groups*, so a KD-only phase never touches hidden states:
-    input_ids       the packed tokens                       (always available)
+    input_ids       the packed tokens, their position_ids and loss_mask (always available)
     topk            topk_ids, topk_values, topk_max (+ topk_step)
     lse             logsumexp of the full-vocabulary logits / T, one per cached T
     target_logprob  teacher log-prob of the true next token
@@ -27,6 +27,7 @@ from sad_pipe.storage.fs import CacheFS
 from sad_pipe.storage.manifest import Plan, read_manifest, topk_scheme
 
 FIELD_GROUPS = ("input_ids", "topk", "lse", "target_logprob", "hidden")
+TOKEN_ARRAYS = ("input_ids", "position_ids", "loss_mask")  # the "input_ids" group
 
 
 def open_tokens(cache: CacheFS, plan: Plan, split: str):
@@ -130,7 +131,8 @@ class CacheReader:
         try:
             if "input_ids" in groups:
                 tok = self._group(self.plan.tokens[split]["dir"], self.plan.tokens[split]["files"])
-                out["input_ids"] = tok["input_ids"][start:stop]
+                for name in TOKEN_ARRAYS:
+                    out[name] = tok[name][start:stop]
             names = self.arrays_for(groups)
             if names:
                 where = f"shard {split}/{shard}"

@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sad_pipe.errors import CacheError
+from sad_pipe.storage.codecs import position_dtype
 from sad_pipe.storage.fs import CacheFS
 from sad_pipe.storage.manifest import (
     SPLITS,
@@ -159,7 +160,8 @@ class ShardWriter:
 
 
 class TokenWriter:
-    """The packed input ids (and the documents each sequence spans) of one split, appended in order.
+    """The packed tokens of one split, appended in order: per sequence `input_ids`, `position_ids` and
+    `loss_mask` [T] and `doc_span` [2] (the documents it spans).
 
     Written under `_tmp/` and published under a unique `tokens/<split>-<uuid>` name; the plan names it.
     """
@@ -172,36 +174,39 @@ class TokenWriter:
         self.group = zarr.open_group(store=cache.zarr_store(self.tmp, read_only=False), mode="w-", zarr_format=3)
         zstd = {"cname": "zstd", "clevel": 3, "shuffle": "shuffle"}
         every_chunk = {"write_empty_chunks": True}  # as in shards: a lost chunk file must not read as zeros
-        self.ids = self.group.create_array("input_ids", shape=(0, max_length), dtype=id_dtype,
-                                           chunks=(chunk_rows, max_length), shards=(rows_per_file, max_length),
-                                           compressors=_compressors(zstd, id_dtype), fill_value=0, config=every_chunk)
-        self.docs = self.group.create_array("doc_span", shape=(0, 2), dtype=np.int64, chunks=(rows_per_file, 2),
-                                            compressors=_compressors(zstd, np.int64), fill_value=0, config=every_chunk)
+        per_token = {"input_ids": np.dtype(id_dtype), "position_ids": position_dtype(max_length), "loss_mask": np.dtype(np.uint8)}
+        self.arrays = {name: self.group.create_array(name, shape=(0, max_length), dtype=dtype, chunks=(chunk_rows, max_length),
+                                                     shards=(rows_per_file, max_length), compressors=_compressors(zstd, dtype),
+                                                     fill_value=0, config=every_chunk)
+                       for name, dtype in per_token.items()}
+        self.arrays["doc_span"] = self.group.create_array("doc_span", shape=(0, 2), dtype=np.int64, chunks=(rows_per_file, 2),
+                                                          compressors=_compressors(zstd, np.int64), fill_value=0,
+                                                          config=every_chunk)
         self.rows_per_file = rows_per_file
-        self.pending_ids: list[np.ndarray] = []
-        self.pending_docs: list[np.ndarray] = []
-        self.pending = 0
+        self.pending: dict[str, list[np.ndarray]] = {name: [] for name in self.arrays}
+        self.pending_rows = 0
         self.sequences = 0
 
-    def append(self, input_ids: np.ndarray, doc_span: np.ndarray) -> None:
-        self.pending_ids.append(input_ids)
-        self.pending_docs.append(doc_span)
-        self.pending += len(input_ids)
-        while self.pending >= self.rows_per_file:
+    def append(self, rows: dict[str, np.ndarray]) -> None:
+        """rows: one [n, ...] array per name (input_ids, position_ids, loss_mask, doc_span)."""
+        for name, arr in self.arrays.items():
+            self.pending[name].append(rows[name].astype(arr.dtype, copy=False))
+        self.pending_rows += len(rows["input_ids"])
+        while self.pending_rows >= self.rows_per_file:
             self._flush(self.rows_per_file)
 
     def _flush(self, n: int) -> None:
         # Append whole zarr shards only: a partial-shard write would rewrite the file each time.
-        ids, docs = np.concatenate(self.pending_ids), np.concatenate(self.pending_docs)
-        self.ids.append(ids[:n], axis=0)
-        self.docs.append(docs[:n], axis=0)
-        self.pending_ids, self.pending_docs = [ids[n:]], [docs[n:]]
-        self.pending -= n
+        for name, arr in self.arrays.items():
+            data = np.concatenate(self.pending[name])
+            arr.append(data[:n], axis=0)
+            self.pending[name] = [data[n:]]
+        self.pending_rows -= n
         self.sequences += n
 
     def finish(self) -> dict:
-        if self.pending:
-            self._flush(self.pending)
+        if self.pending_rows:
+            self._flush(self.pending_rows)
         self.cache.fsync_tree(self.tmp)
         files = hash_tree(self.cache, self.tmp)
         final = f"tokens/{self.split}-{self.tmp.rsplit('-', 1)[1]}"

@@ -34,7 +34,7 @@ def docs(assets) -> list[str]:
 
 
 def data_config(path, **kw) -> DataConfig:
-    return DataConfig(path=str(path), max_length=MAX_LENGTH, eval_fraction=EVAL_FRACTION, **kw)
+    return DataConfig(**{"path": str(path), "max_length": MAX_LENGTH, "eval_fraction": EVAL_FRACTION, **kw})
 
 
 def expected_sequences(tokenizer, docs: list[str], split: str) -> np.ndarray:
@@ -49,8 +49,8 @@ def expected_sequences(tokenizer, docs: list[str], split: str) -> np.ndarray:
 
 def packed(cfg: DataConfig, tokenizer) -> dict[str, np.ndarray]:
     out: dict[str, list] = {"train": [], "eval": []}
-    for split, seq, _ in PackedDocuments(cfg, tokenizer):
-        out[split].append(seq)
+    for seq in PackedDocuments(cfg, tokenizer):
+        out[seq.split].append(seq.input_ids)
     return {s: np.stack(v) for s, v in out.items()}
 
 
@@ -71,8 +71,8 @@ def test_counts_and_document_spans_describe_the_stream(tmp_path, tokenizer, docs
     cfg = data_config(write_jsonl(tmp_path / "docs.jsonl", docs))
     packer = PackedDocuments(cfg, tokenizer)
     spans = {"train": [], "eval": []}
-    for split, _, span in packer:
-        spans[split].append(span)
+    for seq in packer:
+        spans[seq.split].append(seq.doc_span)
     for split in ("train", "eval"):
         p = packer.packers[split]
         members = [i for i, d in enumerate(docs) if is_eval(d, EVAL_FRACTION) == (split == "eval")]
@@ -163,3 +163,102 @@ def test_unusable_data_is_a_data_error_naming_the_key(tmp_path, tokenizer, case,
     with pytest.raises(DataError, match=message) as err:
         list(PackedDocuments(DataConfig(path=str(path), text_field=field, max_length=MAX_LENGTH), tokenizer))
     assert "\n" not in str(err.value) and str(path) in str(err.value)
+
+
+# -- what the teacher sees: the tokenizer's own special tokens, documents attended alone, chat data -----------
+
+@pytest.fixture(scope="module")
+def real_tokenizers(assets, tmp_path_factory):
+    """Tokenizers of both kinds: one adding its BOS like Llama's, one adding nothing like Qwen's; both chat-capable."""
+    from conftest import special_tokenizer
+
+    root = tmp_path_factory.mktemp("tokenizers")
+    return {bos: AutoTokenizer.from_pretrained(special_tokenizer(str(root / str(bos)), assets["docs"][:30], bos=bos, chat=True))
+            for bos in (True, False)}
+
+
+@pytest.mark.parametrize("bos", [True, False], ids=["bos-added", "no-bos"])
+def test_each_packed_document_is_the_tokenizers_own_ids_followed_by_eos(tmp_path, real_tokenizers, docs, bos):
+    tokenizer = real_tokenizers[bos]
+    cfg = data_config(write_jsonl(tmp_path / "docs.jsonl", docs), eval_fraction=0.0)
+    stream = np.concatenate([seq.input_ids for seq in PackedDocuments(cfg, tokenizer)])
+    expected = []
+    for d in docs:
+        ids = tokenizer(d)["input_ids"]
+        assert (ids[0] == tokenizer.bos_token_id) == bos  # the tokenizer's own choice, none invented
+        expected += ids + [tokenizer.eos_token_id]
+    np.testing.assert_array_equal(stream, expected[:len(stream)])
+    assert len(expected) - len(stream) < MAX_LENGTH
+
+
+def test_positions_restart_per_document_and_no_position_predicts_the_next_document(tmp_path, real_tokenizers, docs):
+    tokenizer = real_tokenizers[True]
+    short = [d[:20] for d in docs] * 3  # several documents per sequence
+    cfg = data_config(write_jsonl(tmp_path / "docs.jsonl", short), eval_fraction=0.0)
+    seqs = list(PackedDocuments(cfg, tokenizer))
+    bos = tokenizer.bos_token_id
+    for seq in seqs:
+        ids, pos, mask = seq.input_ids, seq.position_ids, seq.loss_mask
+        starts = np.flatnonzero(pos == 0)
+        assert starts[0] == 0 and len(starts) >= 2
+        assert (ids[starts[1:]] == bos).all()  # every document inside the sequence starts at 0 with its BOS
+        for a, b in zip(starts[1:], [*starts[2:], len(ids)]):
+            np.testing.assert_array_equal(pos[a:b], np.arange(b - a))
+        # An EOS never learns to predict the next document's BOS; every other position is trained (the last
+        # one too, when its document goes on in the next sequence).
+        untrained = set(np.flatnonzero(mask == 0).tolist())
+        assert set((starts[1:] - 1).tolist()) <= untrained <= set((starts[1:] - 1).tolist()) | {len(ids) - 1}
+    # stream packing: one run of positions per sequence, every position trained (documents attend to each other)
+    stream = list(PackedDocuments(data_config(cfg.path, eval_fraction=0.0, packing="stream"), tokenizer))
+    assert all((s.position_ids == np.arange(MAX_LENGTH)).all() for s in stream)
+    assert all(s.loss_mask.all() for s in stream[:-1])
+    np.testing.assert_array_equal(np.concatenate([s.input_ids for s in stream]),
+                                  np.concatenate([s.input_ids for s in seqs]))
+
+
+CONVERSATIONS = [
+    [{"role": "system", "content": "be brief"}, {"role": "user", "content": "add two and two"},
+     {"role": "assistant", "content": "four"}, {"role": "user", "content": "and three more"},
+     {"role": "assistant", "content": "seven, as the sum grows"}],
+    [{"role": "user", "content": "name a colour"}, {"role": "assistant", "content": "blue like the sea"}],
+]
+
+
+def test_chat_data_is_rendered_with_the_template_and_only_assistant_tokens_are_trained(tmp_path, real_tokenizers):
+    tokenizer = real_tokenizers[True]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in CONVERSATIONS * 6))
+    cfg = DataConfig(path=str(path), format="messages", max_length=MAX_LENGTH, eval_fraction=0.0)
+    seqs = list(PackedDocuments(cfg, tokenizer, loss_mask="assistant"))
+    ids = np.concatenate([s.input_ids for s in seqs])
+    mask = np.concatenate([s.loss_mask for s in seqs])
+    # The reference: the template's rendering, and the tokens of each assistant turn (its content and <|end|>).
+    rendered = tokenizer.apply_chat_template(CONVERSATIONS[0], tokenize=False)
+    first = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    np.testing.assert_array_equal(ids[:len(first)], first)
+    trained_targets = [int(ids[t + 1]) for t in range(len(first) - 1) if mask[t]]
+    want = (tokenizer("four<|end|>", add_special_tokens=False)["input_ids"]
+            + tokenizer("seven, as the sum grows<|end|>", add_special_tokens=False)["input_ids"])
+    assert trained_targets == want
+    assert 0 < mask.mean() < 0.6
+    everything = np.concatenate([s.loss_mask for s in PackedDocuments(cfg, tokenizer, loss_mask="all")])
+    assert everything.sum() > 2 * mask.sum()
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([{"messages": "hello"}], "is not a list of"),
+    ([{"messages": [{"role": "user", "text": "hi"}]}], "is not a list of"),
+    ([{"messages": [{"role": "user", "content": "no answer here"}]}], "has no assistant tokens to train on"),
+])
+def test_bad_chat_rows_are_refused_naming_the_document(tmp_path, real_tokenizers, rows, message):
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = DataConfig(path=str(path), format="messages", max_length=MAX_LENGTH, eval_fraction=0.0)
+    with pytest.raises(DataError, match=f"document 0 .*{message}|{message}"):
+        list(PackedDocuments(cfg, real_tokenizers[True], loss_mask="assistant"))
+
+
+def test_chat_data_needs_a_tokenizer_with_a_chat_template(tmp_path, tokenizer):
+    cfg = DataConfig(path=str(tmp_path / "x.jsonl"), format="messages", max_length=MAX_LENGTH)
+    with pytest.raises(DataError, match="has no chat template"):
+        PackedDocuments(cfg, tokenizer)

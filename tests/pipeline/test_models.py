@@ -12,6 +12,7 @@ from conftest import word_tokenizer
 from sad_pipe.errors import ModelError
 from sad_pipe.pipeline.models import (
     build_student,
+    generation_config_for,
     load_causal_lm,
     load_tokenizer,
     max_positions_of,
@@ -88,9 +89,49 @@ def test_device_and_dtype_choice_on_cpu():
             resolve_device("cuda")
 
 
-def test_build_student_from_a_config_takes_the_tokenizer_vocab():
-    student = build_student({"model_type": "llama", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
-                             "num_attention_heads": 2, "num_key_value_heads": 1}, None, vocab_size=300)
-    assert vocab_size_of(student) == 300 and next(student.parameters()).dtype == torch.float32
+def test_build_student_from_a_config_takes_the_tokenizers_special_tokens_and_a_padded_table(tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(word_tokenizer(str(tmp_path / "tok"), 300))
+    tokenizer.add_special_tokens({"bos_token": "<s>", "pad_token": "<pad>"})
+    shape = {"model_type": "llama", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+             "num_attention_heads": 2, "num_key_value_heads": 1, "eos_token_id": 7}  # a wrong eos: the tokenizer's wins
+    student = build_student(shape, None, tokenizer=tokenizer)
+    assert len(tokenizer) == 302 and vocab_size_of(student) == 320  # padded to a multiple of 64
+    assert next(student.parameters()).dtype == torch.float32
+    c = student.config
+    assert (c.bos_token_id, c.eos_token_id, c.pad_token_id) == (tokenizer.bos_token_id, tokenizer.eos_token_id,
+                                                                tokenizer.pad_token_id)
+    gen = generation_config_for(student, tokenizer)
+    assert gen.eos_token_id == tokenizer.eos_token_id and gen.suppress_tokens == list(range(302, 320))
+    plain = AutoTokenizer.from_pretrained(word_tokenizer(str(tmp_path / "tok2"), 64))
+    student = build_student(shape, None, tokenizer=plain)
+    # No pad token of its own: no pad id (it would freeze that embedding row), and none padded: 64 rows already.
+    assert student.config.pad_token_id is None and vocab_size_of(student) == 64
+    assert generation_config_for(student, plain).pad_token_id == plain.eos_token_id
     with pytest.raises(ModelError, match="student.config: cannot build a 'no-such-type' model"):
-        build_student({"model_type": "no-such-type"}, None, vocab_size=300)
+        build_student({"model_type": "no-such-type"}, None, tokenizer=plain)
+
+
+def test_tokenizers_are_the_same_vocabulary_when_their_ids_and_merges_agree(assets, tmp_path):
+    """An Instruct tokenizer (another chat template, extra special tokens past the shared range) shares its base
+    model's vocabulary; another tokenizer, or one whose ids mean other tokens, does not."""
+    from conftest import train_bpe
+    from transformers import AutoTokenizer
+
+    from sad_pipe.pipeline.models import check_same_vocabulary
+
+    base = AutoTokenizer.from_pretrained(assets["tokenizer"])
+    instruct = AutoTokenizer.from_pretrained(assets["tokenizer"])
+    instruct.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    instruct.chat_template = "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}"
+    warnings = check_same_vocabulary(base, instruct, "student 'instruct'")
+    assert len(warnings) == 2 and "'<|im_start|>' (id 512) exists only in student 'instruct'" in warnings[0]
+    assert check_same_vocabulary(instruct, base, "student 'base'")  # the other way round: a warning too, no error
+    other = AutoTokenizer.from_pretrained(train_bpe(str(tmp_path / "other"), 512, assets["docs"][10:40]))
+    with pytest.raises(ModelError, match="uses another vocabulary than the cache's teacher: token .* is id"):
+        check_same_vocabulary(base, other, "student 'other'")
+    shifted = AutoTokenizer.from_pretrained(assets["tokenizer"])
+    shifted.add_special_tokens({"additional_special_tokens": ["<pad>"]})
+    with pytest.raises(ModelError, match="id 512 is '<pad>' only in"):
+        check_same_vocabulary(instruct, shifted, "student 'shifted'")

@@ -93,6 +93,21 @@ def foreign_student(ctx) -> str:
     return path
 
 
+def chat_teacher(ctx) -> str:
+    """The tests' Llama teacher with an Instruct-style tokenizer (a chat template)."""
+    from conftest import special_tokenizer
+
+    path = ctx.tmp / "chat-teacher"
+    shutil.copytree(ctx.assets["llama"], path)
+    return special_tokenizer(str(path), ctx.assets["docs"][:30], bos=True, chat=True)
+
+
+def chat_rows(ctx, rows: list) -> str:
+    path = ctx.tmp / "chat.jsonl"
+    path.write_text("".join(json.dumps({"messages": r}) + "\n" for r in rows))
+    return str(path)
+
+
 def short_docs(ctx) -> str:
     return write_jsonl(str(ctx.tmp / "short.jsonl"), ["tiny document one", "tiny document two"])
 
@@ -202,6 +217,12 @@ SCENARIOS = {
     "resume-other-cache": other_cache,
     "finished-run": lambda c: ["train-student", "--config", str(c.finished / "config.json")],
     "malicious-checkpoint": malicious_checkpoint,
+    "output-is-file": lambda c: student(c, train={"output": str(write_json(c.tmp / "file", {}))}),
+    "messages-not-a-list": lambda c: teacher(c, teacher={"model": chat_teacher(c)}, data={
+        "format": "messages", "path": chat_rows(c, ["a string, not messages"])}),
+    "no-chat-template": lambda c: teacher(c, data={"format": "messages", "path": chat_rows(c, [[{"role": "user", "content": "hi"}]])}),
+    "nothing-to-train": lambda c: teacher(c, teacher={"model": chat_teacher(c)}, data={
+        "format": "messages", "path": chat_rows(c, [[{"role": "user", "content": "a question nobody answers"}]])}),
 }
 
 

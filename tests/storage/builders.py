@@ -21,10 +21,11 @@ def make_identity(*, vocab=512, k=8, max_length=8, layers=(1,), hidden_size=16, 
     return {
         "teacher": {"model": "fake/teacher", "revision": None, "config_sha256": "0" * 64, "architecture": "FakeForCausalLM",
                     "vocab_size": vocab, "hidden_size": hidden_size, "num_layers": max(layers, default=0), "dtype": "float32"},
-        "tokenizer": {"name": "fake/teacher", "sha256": "1" * 64, "size": vocab, "eos_token_id": 0},
-        "dataset": {"path": "fake/data", "name": None, "split": "train", "revision": None, "text_field": "text",
-                    "max_documents": None, "eval_fraction": 0.1},
-        "packing": {"max_length": max_length, "separator": "eos"},
+        "tokenizer": {"name": "fake/teacher", "sha256": "1" * 64, "size": vocab, "bos_token_id": None, "eos_token_id": 0},
+        "dataset": {"path": "fake/data", "name": None, "split": "train", "revision": None, "format": "text",
+                    "field": "text", "max_documents": None, "eval_fraction": 0.1},
+        "packing": {"max_length": max_length, "attention": "documents", "format": "text", "loss_mask": "all",
+                    "adds_bos": False, "separator": "eos"},
         "top_k": k, "temperatures": list(temperatures), "layers": list(layers),
         "values": values, "hidden_dtype": hidden_dtype, "store_target_logprob": store_target_logprob,
         "sequences_per_shard": sequences_per_shard, "sequences_per_chunk": sequences_per_chunk,
@@ -45,7 +46,7 @@ def teacher_like_logits(rng: np.random.Generator, rows: int, k: int, vocab: int)
 
 def split_data(identity: dict, n: int, seed: int) -> dict[str, np.ndarray]:
     """Every array of `n` sequences as the writer stores it ([n, max_length, ...] in the plan's dtypes),
-    plus input_ids and doc_span. Deterministic in (identity, n, seed)."""
+    plus the token arrays (input_ids, position_ids, loss_mask, doc_span). Deterministic in (identity, n, seed)."""
     rng = np.random.default_rng(seed)
     t, k = identity["packing"]["max_length"], identity["top_k"]
     vocab = identity["teacher"]["vocab_size"]
@@ -69,6 +70,8 @@ def split_data(identity: dict, n: int, seed: int) -> dict[str, np.ndarray]:
     out["input_ids"] = rng.integers(0, identity["tokenizer"]["size"], (n, t)).astype(token_dtype(identity))
     first = np.sort(rng.integers(0, 4 * n, n))
     out["doc_span"] = np.stack([first, first + rng.integers(0, 3, n)], -1).astype(np.int64)
+    out["position_ids"] = np.tile(np.arange(t), (n, 1)).astype(np.uint16)
+    out["loss_mask"] = np.ones((n, t), dtype=np.uint8)
     return out
 
 
@@ -89,10 +92,11 @@ def plan_cache(url: str, identity: dict, sizes: dict[str, int], seed: int = 0) -
     data, splits, tokens = make_data(identity, sizes, seed), {}, {}
     for split, n in sizes.items():
         writer = TokenWriter(cache, split, identity["packing"]["max_length"], token_dtype(identity), per_shard, per_chunk)
-        writer.append(data[split]["input_ids"], data[split]["doc_span"])
+        writer.append({name: data[split][name] for name in ("input_ids", "position_ids", "loss_mask", "doc_span")})
         tokens[split] = writer.finish()
         splits[split] = {"sequences": n, "tokens": n * identity["packing"]["max_length"], "documents": 4 * n,
-                         "dropped_tokens": 0, "shards": [[a, min(a + per_shard, n)] for a in range(0, n, per_shard)]}
+                         "dropped_tokens": 0, "trained_positions": n * identity["packing"]["max_length"],
+                         "max_token_id": int(data[split]["input_ids"].max()), "shards": [[a, min(a + per_shard, n)] for a in range(0, n, per_shard)]}
     plan = create_plan(cache, Plan(identity=identity, splits=splits, tokens=tokens))
     return plan, data
 

@@ -73,7 +73,7 @@ def test_inspect_json_reports_identity_counts_and_sizes(teacher_cache, assets):
 
 
 def test_inspect_top_k_mass_matches_the_mass_recomputed_from_the_cached_arrays(teacher_cache):
-    """mass_T = exp(logsumexp(top-k logits / T) - lse_T) per token, averaged over every token. The
+    """mass_T = exp(logsumexp(top-k logits / T) - lse_T) per token, averaged over every trained token. The
     teacher measured it on exact logits; the cache holds them to within step/2, which moves
     logsumexp(l / T) by at most max_step / (2 T)."""
     report = inspect_json(teacher_cache)
@@ -81,9 +81,10 @@ def test_inspect_top_k_mass_matches_the_mass_recomputed_from_the_cached_arrays(t
     masses, max_step = [], 0.0
     for split in ("eval", "train"):
         for chunk in range(reader.num_chunks(split)):
-            got = {k: torch_view(v) for k, v in reader.read_chunk(split, chunk, {"topk", "lse"}).items()}
-            logits = decode_topk(got, reader.scheme).logits.double()
-            lse = got["lse"].double()
+            got = {k: torch_view(v) for k, v in reader.read_chunk(split, chunk, {"topk", "lse", "input_ids"}).items()}
+            trained = got["loss_mask"].bool()  # untrained positions hold no teacher outputs
+            logits = decode_topk(got, reader.scheme).logits.double()[trained]
+            lse = got["lse"].double()[trained]
             masses.append(torch.stack([torch.exp(torch.logsumexp(logits / t, -1) - lse[..., j])
                                        for j, t in enumerate(reader.temperatures)], -1).reshape(-1, 2))
             max_step = max(max_step, float(got["topk_step"].float().max()))

@@ -45,7 +45,7 @@ def test_what_the_writer_wrote_is_what_the_reader_reads(tmp_path, layout):
         for start in range(0, n, per_shard):  # every shard, whole
             stop = min(start + per_shard, n)
             got = reader.read(split, start, stop, groups)
-            assert sorted(got) == sorted(names + ["input_ids"])
+            assert sorted(got) == sorted(names + ["input_ids", "position_ids", "loss_mask"])
             for name, arr in got.items():
                 assert arr.dtype == expected[name].dtype, name
                 np.testing.assert_array_equal(arr, expected[name][start:stop], err_msg=f"{split} {name} [{start}, {stop})")
@@ -70,7 +70,7 @@ def test_reads_return_only_the_arrays_asked_for_and_decode_to_the_first_k(tmp_pa
     reader = CacheReader(url)
     assert sorted(reader.read("train", 0, 8, {"topk"})) == ["topk_ids", "topk_max", "topk_step", "topk_values"]
     assert sorted(reader.read("train", 0, 8, {"hidden"})) == ["hidden_1", "hidden_1_scale", "hidden_2", "hidden_2_scale"]
-    assert sorted(reader.read("train", 0, 8, {"input_ids"})) == ["input_ids"]
+    assert sorted(reader.read("train", 0, 8, {"input_ids"})) == ["input_ids", "loss_mask", "position_ids"]
     got = reader.read("train", 2, 5, {"topk"})
     scheme = topk_scheme(reader.identity)
     arrays = {k: torch_view(v) for k, v in got.items()}
@@ -144,11 +144,11 @@ def test_a_cache_without_a_manifest_is_incomplete_not_readable(tmp_path):
         CacheReader(str(tmp_path / "nothing-here"))
 
 
-@pytest.mark.parametrize("version", [0, 2, None])
+@pytest.mark.parametrize("version", [0, 1, 3, None])
 def test_another_format_version_is_refused(small_cache, tmp_path, version):
     url = copy_of(small_cache, tmp_path)
     edit_manifest(url, lambda m: m.update(format_version=version))
-    with pytest.raises(CacheError, match=f"format version {version}, this sad-pipe reads version 1"):
+    with pytest.raises(CacheError, match=f"format version {version}, this sad-pipe reads version 2"):
         CacheReader(url)
 
 

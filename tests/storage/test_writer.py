@@ -343,18 +343,23 @@ def test_tokens_are_one_zarr_group_per_split_and_every_chunk_has_a_file(tmp_path
     ids = np.arange(20 * 8, dtype=np.uint16).reshape(20, 8)
     ids[:8] = 0  # an all-zero file's worth of rows: still written, so its loss cannot read as zeros
     spans = np.repeat(np.arange(20, dtype=np.int64)[:, None] // 10, 2, axis=1)  # rows 0..9 in document 0
+    positions = np.tile(np.arange(8), (20, 1))
+    positions[3, 5:] = np.arange(3)  # a document starting inside a sequence
+    mask = np.ones((20, 8), dtype=np.uint8)
+    mask[3, 4] = 0  # ... whose first token the one before it does not predict
+    rows = {"input_ids": ids, "position_ids": positions, "loss_mask": mask, "doc_span": spans}
     writer = TokenWriter(CacheFS(str(tmp_path)), "train", 8, np.dtype(np.uint16), rows_per_file=8, chunk_rows=4)
-    writer.append(ids[:5], spans[:5])
-    writer.append(ids[5:], spans[5:])
+    writer.append({k: v[:5] for k, v in rows.items()})
+    writer.append({k: v[5:] for k, v in rows.items()})
     info = writer.finish()
     assert re.fullmatch("tokens/train-[0-9a-f]{8}", info["dir"]) and info["sequences"] == 20
-    assert sorted(info["files"]) == ["doc_span/c/0/0", "doc_span/c/1/0", "doc_span/c/2/0", "doc_span/zarr.json",
-                                     "input_ids/c/0/0", "input_ids/c/1/0", "input_ids/c/2/0", "input_ids/zarr.json",
-                                     "zarr.json"]
+    assert sorted(info["files"]) == sorted([f"{name}/c/{i}/0" for name in rows for i in range(3)]
+                                           + [f"{name}/zarr.json" for name in rows] + ["zarr.json"])
     group = zarr.open_group(str(tmp_path / info["dir"]), mode="r")
     input_ids, doc_span = group["input_ids"], group["doc_span"]
     assert input_ids.shape == (20, 8) and input_ids.shards == (8, 8) and input_ids.chunks == (4, 8)
     assert doc_span.shape == (20, 2) and doc_span.dtype == np.int64 and doc_span.chunks == (8, 2)
-    np.testing.assert_array_equal(input_ids[...], ids)
-    np.testing.assert_array_equal(doc_span[...], spans)
+    assert group["position_ids"].dtype == np.uint16 and group["loss_mask"].dtype == np.uint8
+    for name, value in rows.items():
+        np.testing.assert_array_equal(group[name][...], value)
     assert os.listdir(tmp_path / "_tmp") == []

@@ -19,11 +19,11 @@ SAMPLE_SEQUENCES = 8
 
 def dry_run(cfg: Config, tokenizer, teacher, device, identity: dict) -> dict:
     """Count sequences and tokens, then project the cache size per array from a small teacher sample."""
-    packed = PackedDocuments(cfg.data, tokenizer)
+    packed = PackedDocuments(cfg.data, tokenizer, loss_mask=identity["packing"]["loss_mask"])
     sample = []
     counts = {"train": 0, "eval": 0}
-    for split, seq, _ in progress_bar(packed, desc="tokenize+pack (dry run)", unit=" seq"):
-        counts[split] += 1
+    for seq in progress_bar(packed, desc="tokenize+pack (dry run)", unit=" seq"):
+        counts[seq.split] += 1
         if len(sample) < SAMPLE_SEQUENCES:
             sample.append(seq)
     tokens = {s: n * cfg.data.max_length for s, n in counts.items()}
@@ -31,7 +31,9 @@ def dry_run(cfg: Config, tokenizer, teacher, device, identity: dict) -> dict:
     per_token = {"input_ids": float(token_dtype(identity).itemsize)}  # uncompressed: an upper bound
     if teacher is not None and sample:
         runner = make_runner(cfg, teacher, device, identity)
-        arrays, _ = runner(torch.from_numpy(np.stack(sample)).to(device))
+        batch = [torch.from_numpy(np.stack([getattr(q, name) for q in sample]).astype(np.int64)).to(device)
+                 for name in ("input_ids", "position_ids", "loss_mask")]
+        arrays, _ = runner(*batch)
         host = {k: v.cpu().numpy() for k, v in arrays.items()}
         specs = Plan(identity=identity, splits={}).arrays
         per_token.update(compressed_bytes_per_token(host, specs, identity["sequences_per_chunk"]))

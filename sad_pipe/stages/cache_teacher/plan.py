@@ -16,7 +16,15 @@ import torch
 
 from sad_pipe.errors import ConfigError, DataError
 from sad_pipe.pipeline.config import Config
-from sad_pipe.pipeline.data import PackedDocuments, TokenizedBatch, dataset_fingerprint, document_batches, tokenize_batch
+from sad_pipe.pipeline.data import (
+    Document,
+    PackedDocuments,
+    TokenizedBatch,
+    check_tokenizer_for,
+    dataset_fingerprint,
+    document_batches,
+    tokenize_batch,
+)
 from sad_pipe.pipeline.models import (
     load_causal_lm,
     load_tokenizer,
@@ -30,6 +38,7 @@ from sad_pipe.pipeline.models import (
     vocab_size_of,
 )
 from sad_pipe.pipeline.progress import progress_bar
+from sad_pipe.stages.cache_teacher.runner import attends_within_documents
 from sad_pipe.storage.codecs import id_dtype
 from sad_pipe.storage.fs import CacheFS
 from sad_pipe.storage.manifest import Plan, check_identity, read_plan
@@ -48,6 +57,8 @@ def load_teacher(cfg: Config):
         require_local_path(cfg.teacher.model, "teacher.model")
     tokenizer = load_tokenizer(tok_name, revision=None if cfg.data.tokenizer else cfg.teacher.revision,
                                trust_remote_code=cfg.teacher.trust_remote_code)
+    loss_mask_mode(cfg)
+    check_tokenizer_for(cfg.data, tokenizer)  # before the teacher loads: seconds, not minutes
     if cfg.teacher.model is None:
         return tokenizer, None, torch.device("cpu"), tok_name
     device = resolve_device(cfg.teacher.device)
@@ -64,8 +75,8 @@ def _check_teacher(cfg: Config, teacher, tokenizer) -> None:
     bad = [i for i in cfg.teacher.layers if not 0 <= i <= n_layers]
     if bad:
         problems.append(f"teacher.layers {bad}: out of range; this teacher has hidden states 0..{n_layers}")
-    if cfg.cache.top_k > vocab:
-        problems.append(f"cache.top_k {cfg.cache.top_k}: larger than the teacher's vocabulary ({vocab})")
+    if cfg.cache.top_k > min(vocab, len(tokenizer)):
+        problems.append(f"cache.top_k {cfg.cache.top_k}: larger than the teacher's vocabulary ({min(vocab, len(tokenizer))})")
     context = max_positions_of(teacher)
     if context is not None and cfg.data.max_length > context:
         problems.append(f"data.max_length {cfg.data.max_length}: longer than the teacher's context ({context})")
@@ -73,6 +84,10 @@ def _check_teacher(cfg: Config, teacher, tokenizer) -> None:
         problems.append(f"tokenizer has {len(tokenizer)} tokens but the teacher only {vocab} logits: not this teacher's tokenizer")
     if problems:
         raise ConfigError(problems)
+    if cfg.data.packing == "documents" and not attends_within_documents(teacher, min(vocab, len(tokenizer))):
+        raise ConfigError(f"data.packing documents: teacher {cfg.teacher.model!r} does not restrict its attention to "
+                          "each document when position_ids restart (its modelling code ignores them); use "
+                          "data.packing stream to cache it as it attends, across the packed documents")
 
 
 def cache_identity(cfg: Config, tokenizer, teacher, tokenizer_name: str) -> dict:
@@ -81,9 +96,10 @@ def cache_identity(cfg: Config, tokenizer, teacher, tokenizer_name: str) -> dict
     return {
         "teacher": None if teacher is None else teacher_identity(teacher, t.model, t.revision),
         "tokenizer": {"name": tokenizer_name, "sha256": tokenizer_fingerprint(tokenizer), "size": len(tokenizer),
-                      "eos_token_id": tokenizer.eos_token_id},
+                      "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id},
         "dataset": dataset_fingerprint(cfg.data),
-        "packing": {"max_length": cfg.data.max_length, "separator": "eos"},
+        "packing": {"max_length": cfg.data.max_length, "attention": cfg.data.packing, "format": cfg.data.format,
+                    "loss_mask": loss_mask_mode(cfg), "adds_bos": adds_bos(tokenizer), "separator": "eos"},
         "top_k": c.top_k if teacher is not None else 0,
         "temperatures": list(c.temperatures) if teacher is not None else [],
         "layers": list(t.layers) if teacher is not None else [],
@@ -91,6 +107,21 @@ def cache_identity(cfg: Config, tokenizer, teacher, tokenizer_name: str) -> dict
         "store_target_logprob": c.store_target_logprob and teacher is not None,
         "sequences_per_shard": c.sequences_per_shard, "sequences_per_chunk": c.sequences_per_chunk,
     }
+
+
+def loss_mask_mode(cfg: Config) -> str:
+    """Which tokens are trained (and so get teacher outputs): loss.mask, by default assistant for chat data."""
+    mode = cfg.loss.mask or ("assistant" if cfg.data.format == "messages" else "all")
+    if mode == "assistant" and cfg.data.format != "messages":
+        raise ConfigError("loss.mask assistant: only chat data has assistant tokens; set data.format messages "
+                          "(with data.messages_field) or loss.mask all")
+    return mode
+
+
+def adds_bos(tokenizer) -> bool:
+    """Whether tokenizer(text) starts a document with the tokenizer's BOS (Llama, Gemma) or not (Qwen, GPT-2)."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
 
 
 def token_dtype(identity: dict) -> np.dtype:
@@ -133,13 +164,15 @@ def _pack(cfg: Config, cache: CacheFS, tokenizer, identity: dict, batches=None) 
     c = cfg.cache
     writers: dict[str, TokenWriter] = {}
     bar = progress_bar(desc="tokenize+pack", unit=" docs")
-    packed = PackedDocuments(cfg.data, tokenizer, on_documents=bar.update, batches=batches)
+    packed = PackedDocuments(cfg.data, tokenizer, on_documents=bar.update, batches=batches, loss_mask=loss_mask_mode(cfg))
     dtype = token_dtype(identity)
     try:
-        for split, seq, span in packed:
-            if split not in writers:
-                writers[split] = TokenWriter(cache, split, cfg.data.max_length, dtype, c.sequences_per_shard, c.sequences_per_chunk)
-            writers[split].append(seq[None].astype(dtype), np.asarray([span], dtype=np.int64))
+        for seq in packed:
+            if seq.split not in writers:
+                writers[seq.split] = TokenWriter(cache, seq.split, cfg.data.max_length, dtype, c.sequences_per_shard,
+                                                 c.sequences_per_chunk)
+            writers[seq.split].append({"input_ids": seq.input_ids[None], "position_ids": seq.position_ids[None],
+                                       "loss_mask": seq.loss_mask[None], "doc_span": np.asarray([seq.doc_span])})
         bar.close()
         p = packed.packers
         if p["train"].sequences == 0:
@@ -160,7 +193,8 @@ def _pack(cfg: Config, cache: CacheFS, tokenizer, identity: dict, batches=None) 
             shards = [[a, min(a + c.sequences_per_shard, n)] for a in range(0, n, c.sequences_per_shard)] \
                 if identity["teacher"] is not None else []
             splits[split] = {"sequences": n, "tokens": n * cfg.data.max_length, "documents": p[split].documents,
-                             "dropped_tokens": p[split].dropped, "shards": shards}
+                             "dropped_tokens": p[split].dropped, "trained_positions": p[split].trained_positions,
+                             "max_token_id": p[split].max_token_id, "shards": shards}
             tokens[split] = info
         return Plan(identity=identity, splits=splits, tokens=tokens)
     except BaseException:
@@ -180,12 +214,13 @@ def tokenize_share(cfg: Config, cache: CacheFS, tokenizer, rank: int, world: int
     n = 0
     for n, batch in enumerate(document_batches(cfg.data), start=1):
         if (n - 1) % world == rank:
-            t = tokenize_batch(cfg.data, tokenizer, batch)
-            lengths = np.asarray([len(i) for i in t.ids], dtype=np.int64)
-            flat = np.concatenate([np.asarray(i, dtype=np.int64) for i in t.ids]) if t.ids else np.zeros(0, np.int64)
+            docs = tokenize_batch(cfg.data, tokenizer, batch, loss_mask_mode(cfg)).documents
             buf = io.BytesIO()
-            np.savez(buf, docs=np.asarray(t.docs, dtype=np.int64), eval=np.asarray([s == "eval" for s in t.splits]),
-                     lengths=lengths, ids=flat)
+            np.savez(buf, rows=np.asarray([d.row for d in docs], dtype=np.int64),
+                     eval=np.asarray([d.split == "eval" for d in docs], dtype=bool),
+                     lengths=np.asarray([len(d.ids) for d in docs], dtype=np.int64),
+                     ids=np.asarray([i for d in docs for i in d.ids], dtype=np.int64),
+                     targets=np.asarray([t for d in docs for t in d.targets], dtype=bool))
             cache.write_atomic(f"{TOKENIZED}/{n - 1:08d}.npz", buf.getvalue())
     return n
 
@@ -195,9 +230,10 @@ def tokenized_batches(cache: CacheFS, count: int):
     tokenizing in one process)."""
     for b in range(count):
         with np.load(io.BytesIO(cache.read_bytes(f"{TOKENIZED}/{b:08d}.npz"))) as z:
-            ids = np.split(z["ids"], np.cumsum(z["lengths"])[:-1]) if len(z["lengths"]) else []
-            yield TokenizedBatch(docs=z["docs"].tolist(), splits=["eval" if e else "train" for e in z["eval"]],
-                                 ids=[i.tolist() for i in ids])
+            cuts = np.cumsum(z["lengths"])[:-1]
+            ids, targets = np.split(z["ids"], cuts), np.split(z["targets"], cuts)
+            yield TokenizedBatch([Document(int(r), "eval" if e else "train", i.tolist(), t.tolist())
+                                  for r, e, i, t in zip(z["rows"], z["eval"], ids, targets)])
 
 
 def _save_tokenizer(cache: CacheFS, tokenizer) -> None:

@@ -32,6 +32,28 @@ def has_plain_head(model, vocab: int) -> bool:
     return torch.equal(full.float(), mine.float())
 
 
+def attends_within_documents(model, vocab: int) -> bool:
+    """True when the model's attention follows position_ids that restart per document (transformers' packed-
+    sequence path: a block-diagonal causal mask), i.e. the second of two packed documents gets the logits it
+    gets alone. Judged against the packed pair without the restart, which must differ far more: a fixed
+    tolerance would not suit every dtype."""
+    device = model.get_output_embeddings().weight.device
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (1, 24), generator=g).to(device)
+    positions = torch.cat([torch.arange(12), torch.arange(12)]).unsqueeze(0).to(device)
+    try:
+        with torch.inference_mode():
+            alone = model(input_ids=ids[:, 12:], use_cache=False).logits.float()
+            packed = model(input_ids=ids, position_ids=positions, use_cache=False).logits[:, 12:].float()
+            stream = model(input_ids=ids, use_cache=False).logits[:, 12:].float()
+    except Exception:  # noqa: BLE001 - a model that refuses position_ids cannot attend per document
+        return False
+    apart, crossed = (packed - alone).abs().max(), (stream - alone).abs().max()
+    if not torch.isfinite(crossed):  # a teacher producing NaN/Inf: not to be judged here, its shards are refused
+        return True
+    return bool(apart < 0.05 * crossed)
+
+
 @dataclass
 class TeacherRunner:
     model: torch.nn.Module
@@ -41,6 +63,7 @@ class TeacherRunner:
     layers: list[int]
     hidden_dtype: str
     store_target_logprob: bool
+    tokens: int  # len(tokenizer): logits of the rows past it (a padded embedding table) are never a token
 
     def __post_init__(self):
         self.head = self.model.get_output_embeddings()
@@ -57,32 +80,35 @@ class TeacherRunner:
                              if self.plain_head and plain_linear else None)
 
     @torch.inference_mode()
-    def __call__(self, input_ids: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """input_ids [B, T] on the device -> (stored arrays [B, T, ...], per-batch stats), all on the device."""
+    def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, loss_mask: torch.Tensor
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """input_ids, position_ids, loss_mask [B, T] on the device -> (stored arrays [B, T, ...], per-batch
+        stats), all on the device. Positions outside loss_mask (never trained: a prompt, a document's last
+        token facing the next document) hold zeros in every logit array, which compress to almost nothing."""
         b, t = input_ids.shape
-        # transformers 5 records hidden states with forward hooks (utils/output_capturing) and, given a
-        # list of indices, keeps only those: the other layers' outputs are never held.
+        # position_ids restarting per document make transformers mask attention per document (its packed-
+        # sequence path); running 0..T-1 (packing stream) they are the default. transformers 5 records hidden
+        # states with forward hooks and, given a list of indices, keeps only those.
         hidden = list(self.layers) or False
-        if self.plain_head:
-            out = self.model.base_model(input_ids=input_ids, use_cache=False, output_hidden_states=hidden)
-            rows = out.last_hidden_state.reshape(b * t, -1)
-        else:
-            out = self.model(input_ids=input_ids, use_cache=False, output_hidden_states=hidden)
-            rows = out.logits.reshape(b * t, -1)
+        model = self.model.base_model if self.plain_head else self.model
+        out = model(input_ids=input_ids, position_ids=position_ids, use_cache=False, output_hidden_states=hidden)
+        rows = (out.last_hidden_state if self.plain_head else out.logits).reshape(b * t, -1)
         # The teacher's prediction at position i is scored against token i + 1; the last position
         # of a sequence has no next token in it, so its target log-prob is 0 and it is left out of stats.
         next_ids = torch.cat([input_ids[:, 1:], input_ids[:, :1]], dim=1).reshape(-1)
-        has_next = (torch.arange(t, device=self.device) < t - 1).repeat(b)
+        trained = loss_mask.reshape(-1).bool()
+        has_next = (torch.arange(t, device=self.device) < t - 1).repeat(b) & trained
         parts = [self._vocab_pass(rows[s:s + self.chunk], next_ids[s:s + self.chunk]) for s in range(0, b * t, self.chunk)]
         vals, ids, lse, target = (torch.cat(p) for p in zip(*parts))
         target = torch.where(has_next, target, torch.zeros((), device=self.device))
         n_cached = len(self.temperatures)
         bad = ~(torch.isfinite(vals).all(-1) & torch.isfinite(lse).all(-1))
 
-        arrays = {k: v.reshape(b, t, *v.shape[1:]) for k, v in encode_topk(vals, ids, self.scheme, ids_ascending=True).items()}
-        arrays["lse"] = lse[:, :n_cached].reshape(b, t, -1)
+        logit_arrays = dict(encode_topk(vals, ids, self.scheme, ids_ascending=True))
+        logit_arrays["lse"] = lse[:, :n_cached]
         if self.store_target_logprob:
-            arrays["target_logprob"] = target.reshape(b, t)
+            logit_arrays["target_logprob"] = target
+        arrays = {k: _zero_where_not(v, trained).reshape(b, t, *v.shape[1:]) for k, v in logit_arrays.items()}
         for layer in self.layers:
             enc = encode_hidden(out.hidden_states[layer].reshape(b * t, -1), self.hidden_dtype)
             arrays[hidden_name(layer)] = enc["values"].reshape(b, t, -1)
@@ -92,9 +118,9 @@ class TeacherRunner:
         temps = torch.tensor(self.temperatures, device=self.device)
         mass = torch.exp(torch.logsumexp(vals.unsqueeze(1) / temps[:, None], -1) - lse[:, :n_cached])
         top1 = ids.gather(1, vals.argmax(-1, keepdim=True)).squeeze(1) == next_ids
-        stats = {"bad_rows": bad.reshape(b, t).any(-1), "topk_mass": mass.sum(0),
-                 "target_nll": (-target * has_next).sum(), "target_top1": (top1 & has_next).sum(),
-                 "target_count": has_next.sum()}
+        stats = {"bad_rows": bad.reshape(b, t).any(-1), "topk_mass": (mass * trained.unsqueeze(-1)).sum(0),
+                 "positions": trained.sum(), "target_nll": (-target * has_next).sum(),
+                 "target_top1": (top1 & has_next).sum(), "target_count": has_next.sum()}
         return arrays, stats
 
     def _vocab_pass(self, rows: torch.Tensor, next_ids: torch.Tensor):
@@ -103,6 +129,8 @@ class TeacherRunner:
             f = torch.mm(rows, self.head.weight.t(), out=self.logit_buffer[:len(rows)]).float()
         else:
             f = (self.head(rows) if self.plain_head else rows).float()
+        if self.tokens < self.vocab:
+            f[:, self.tokens:] = -torch.inf
         vals, ids = top_k(f, self.scheme.k)
         lse = logsumexp(f, vals.amax(-1), self.lse_temperatures, self.work[:len(rows)])
         lse1 = lse[:, self.lse_temperatures.index(1.0)]
@@ -114,4 +142,9 @@ def make_runner(cfg: Config, teacher, device: torch.device, identity: dict) -> T
     if teacher is None:
         return None
     return TeacherRunner(teacher, device, topk_scheme(identity), list(cfg.cache.temperatures), list(cfg.teacher.layers),
-                         cfg.cache.hidden_dtype, cfg.cache.store_target_logprob)
+                         cfg.cache.hidden_dtype, cfg.cache.store_target_logprob, identity["tokenizer"]["size"])
+
+
+def _zero_where_not(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """x [N, ...] with rows where keep [N] is False set to 0."""
+    return torch.where(keep.view(-1, *[1] * (x.dim() - 1)), x, torch.zeros((), dtype=x.dtype, device=x.device))

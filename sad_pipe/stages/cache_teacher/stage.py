@@ -40,6 +40,7 @@ from sad_pipe.stages.cache_teacher.plan import (
 from sad_pipe.stages.cache_teacher.runner import TeacherRunner, make_runner
 from sad_pipe.stages.cache_teacher.sink import ShardSink, TeacherOutputError
 from sad_pipe.storage.fs import CacheFS
+from sad_pipe.storage.inspect import bytes_per_token, stored_positions, topk_mass
 from sad_pipe.storage.manifest import Plan, cache_id, missing_shards, read_commits, read_plan
 from sad_pipe.storage.verify import collect_garbage
 from sad_pipe.storage.writer import ShardWriter, finalize
@@ -111,7 +112,7 @@ def _fill(cfg: Config, cache: CacheFS, plan: Plan, runner: TeacherRunner, todo: 
 
     t_len = plan.identity["packing"]["max_length"]
     total = sum(plan.splits[s]["shards"][i][1] - plan.splits[s]["shards"][i][0] for s, i in todo)
-    token_arrays = {s: zarr.open_array(store=cache.zarr_store(f"{t['dir']}/input_ids", read_only=True), mode="r")
+    token_groups = {s: zarr.open_group(store=cache.zarr_store(t["dir"], read_only=True), mode="r", zarr_format=3)
                     for s, t in plan.tokens.items()}
     sink = ShardSink(runner.temperatures, cfg.cache.queue_depth)
     bar = progress_bar(total=total, desc=f"teacher{f' rank {rank}' if distributed.world_size() > 1 else ''}", unit=" seq",
@@ -122,18 +123,20 @@ def _fill(cfg: Config, cache: CacheFS, plan: Plan, runner: TeacherRunner, todo: 
         for split, shard in todo:
             a, b = plan.splits[split]["shards"][shard]
             current = ShardWriter(cache, plan, split, shard, rank=rank)
-            ids_all = token_arrays[split][a:b].astype(np.int64)
+            rows = {name: token_groups[split][name][a:b].astype(np.int64) for name in ("input_ids", "position_ids", "loss_mask")}
             for s in range(0, b - a, cfg.teacher.batch_size):
-                batch = torch.from_numpy(ids_all[s:s + cfg.teacher.batch_size]).to(runner.device, non_blocking=True)
+                batch = [torch.from_numpy(rows[name][s:s + cfg.teacher.batch_size]).to(runner.device, non_blocking=True)
+                         for name in ("input_ids", "position_ids", "loss_mask")]
                 t0 = time.perf_counter()
-                arrays, stats = runner(batch)
+                arrays, stats = runner(*batch)
                 forward_s += time.perf_counter() - t0
-                sink.submit(current, arrays, stats, np.arange(a + s, a + s + len(batch)))
-                done_tokens += len(batch) * t_len
-                bar.update(len(batch))
+                sink.submit(current, arrays, stats, np.arange(a + s, a + s + len(batch[0])))
+                done_tokens += len(batch[0]) * t_len
                 committed_tokens = sum(r["stats"]["tokens"] for r in sink.committed)
                 bar.set_postfix_str(f"{done_tokens / (time.perf_counter() - start):,.0f} tok/s"
-                                    + (f", {sink.bytes / committed_tokens:,.0f} B/token" if committed_tokens else ""))
+                                    + (f", {sink.bytes / committed_tokens:,.0f} B/token" if committed_tokens else ""),
+                                    refresh=False)  # the bar redraws at its own pace (rate-limited in a log file)
+                bar.update(len(batch[0]))
             current = None  # fully submitted: the sink commits it
         sink.close()
     except BaseException:
@@ -153,29 +156,23 @@ def _fill(cfg: Config, cache: CacheFS, plan: Plan, runner: TeacherRunner, todo: 
 
 
 def _summary(plan: Plan, commits: dict, figures: dict) -> dict:
-    per_array: dict[str, int] = {}
-    stats: dict[str, dict[str, float]] = {s: {} for s in plan.splits}
-    for (split, _), record in commits.items():
-        for name, info in record["files"].items():
-            array = name.split("/", 1)[0] if "/" in name else "metadata"  # the group's own zarr.json
-            per_array[array] = per_array.get(array, 0) + info["size"]
-        for k, v in record["stats"].items():
-            stats[split][k] = stats[split].get(k, 0.0) + v
-    token_bytes = sum(f["size"] for t in plan.tokens.values() for f in t["files"].values())
+    """What the manifest records of the run: sizes, the teacher's own CE on each split, top-k mass, timings."""
+    sizes = bytes_per_token(plan, commits)
     tokens = sum(s["tokens"] for s in plan.splits.values())
-    total = sum(per_array.values()) + token_bytes
-    out = {
-        "sequences": {s: v["sequences"] for s, v in plan.splits.items()},
-        "tokens": tokens, "shards": len(commits), "bytes": total, "bytes_per_token": total / tokens,
-        "bytes_per_token_by_array": {"input_ids": token_bytes / tokens, **{k: v / tokens for k, v in sorted(per_array.items())}},
-        **figures,
-    }
-    for split, st in stats.items():
+    total = (sum(f["size"] for r in commits.values() for f in r["files"].values())
+             + sum(f["size"] for t in plan.tokens.values() for f in t["files"].values()))
+    out = {"sequences": {s: v["sequences"] for s, v in plan.splits.items()}, "tokens": tokens, "shards": len(commits),
+           "bytes": total, **sizes, **stored_positions(plan), **figures}
+    for split in plan.splits:
+        st: dict[str, float] = {}
+        for (s, _), record in commits.items():
+            if s == split:
+                for k, v in record["stats"].items():
+                    st[k] = st.get(k, 0.0) + v
         if st.get("target_count"):
             out[f"teacher_{split}_ce"] = st["target_nll"] / st["target_count"]
             out[f"teacher_{split}_top1"] = st["target_top1"] / st["target_count"]
-        for t in plan.identity["temperatures"]:
-            if f"topk_mass_T{t:g}" in st:
-                out.setdefault("topk_mass", {}).setdefault(f"T{t:g}", 0.0)
-                out["topk_mass"][f"T{t:g}"] += st[f"topk_mass_T{t:g}"] / tokens
+    mass = topk_mass(plan.identity["temperatures"], commits)
+    if mass:
+        out["topk_mass"] = mass
     return out

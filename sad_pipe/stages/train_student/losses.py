@@ -87,15 +87,28 @@ def kd_from_logits(student: torch.Tensor, teacher: TeacherTargets, form: str, te
     return (head + tail) * t * t
 
 
+def fit_vocabulary(logits: torch.Tensor, tokens: int, width: int) -> torch.Tensor:
+    """Logits [n, V] of one model made to line up with another's `width` rows: the rows past `tokens`
+    (len(tokenizer); a padded embedding table) are never a token, so they get -inf, and the table is cut or
+    padded with -inf to `width`. Both models' rows below `tokens` mean the same tokens (one tokenizer)."""
+    n, v = logits.shape
+    out = logits.new_full((n, width), -torch.inf)
+    keep = min(tokens, v, width)
+    out[:, :keep] = logits[:, :keep]
+    return out
+
+
 def _masked_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """sum(values * mask), but a masked position contributes 0 even if its value is NaN/Inf."""
     return torch.where(mask > 0, values * mask, 0.0).sum()
 
 
 def _vocab_chunk(hidden, weight, bias, labels, ce_mask, kd_mask, t_ids, t_logits, t_lse, t_valid, t_full,
-                 form: str, temperature: float, compute_kd: bool):
+                 form: str, temperature: float, compute_kd: bool, vocab_limit: int | None):
     """Sums over one chunk of positions: (ce_sum, kd_sum, agree_sum). Recomputed in backward."""
     logits = F.linear(hidden, weight, bias).float()  # [n, V]
+    if vocab_limit is not None and vocab_limit < logits.shape[-1]:  # padded rows: in no softmax, never argmax
+        logits = logits.masked_fill(torch.arange(logits.shape[-1], device=logits.device) >= vocab_limit, -torch.inf)
     lse = torch.logsumexp(logits, dim=-1)
     target = logits.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
     ce_sum = _masked_sum(lse - target, ce_mask)
@@ -118,7 +131,8 @@ def _vocab_chunk(hidden, weight, bias, labels, ce_mask, kd_mask, t_ids, t_logits
 
 def vocab_losses(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
                  ce_mask: torch.Tensor, kd_mask: torch.Tensor, teacher: TeacherTargets | None, *, form: str,
-                 temperature: float, chunk_tokens: int, compute_kd: bool = True) -> dict[str, torch.Tensor]:
+                 temperature: float, chunk_tokens: int, compute_kd: bool = True,
+                 vocab_limit: int | None = None, counts: tuple[float, float] | None = None) -> dict[str, torch.Tensor]:
     """CE and KD through the student's output layer, chunk by chunk.
 
     hidden [N, D] (final student states), weight [V, D] (+ bias [V]): the LM head, applied per chunk.
@@ -126,6 +140,9 @@ def vocab_losses(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     Returns {"ce"; with a teacher also "agreement" (fraction of kd_mask positions where the student's
     argmax is the teacher's top-1) and, unless compute_kd is false, "kd"}. compute_kd=False is for a
     KD weight of 0: the cached top-k still gives the agreement metric, the KL is not computed.
+    vocab_limit: len(tokenizer); the rows of a padded head past it are left out of every softmax.
+    counts: (CE positions, KD positions) to divide by instead of this batch's own: under DDP, the micro-batch's
+    count over all ranks divided by their number, so that the gradients DDP averages are those of the global mean.
     """
     t = teacher or TeacherTargets()
     want_kd = teacher is not None and compute_kd
@@ -141,15 +158,16 @@ def vocab_losses(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
                 None if t.lse is None else t.lse[sl], None if t.valid is None else t.valid[sl],
                 None if t.full_logits is None else t.full_logits[sl])
         if use_ckpt:
-            part = checkpoint(_vocab_chunk, *args, form, temperature, want_kd, use_reentrant=False)
+            part = checkpoint(_vocab_chunk, *args, form, temperature, want_kd, vocab_limit, use_reentrant=False)
         else:
-            part = _vocab_chunk(*args, form, temperature, want_kd)
+            part = _vocab_chunk(*args, form, temperature, want_kd, vocab_limit)
         sums = [s + p for s, p in zip(sums, part)]
-    out = {"ce": _mean(sums[0], ce_mask.sum())}
+    ce_count, kd_count = (ce_mask.sum(), kd_mask.sum()) if counts is None else (ce_mask.new_tensor(c) for c in counts)
+    out = {"ce": _mean(sums[0], ce_count)}
     if want_kd:
-        out["kd"] = _mean(sums[1], kd_mask.sum())
+        out["kd"] = _mean(sums[1], kd_count)
     if teacher is not None:
-        out["agreement"] = _mean(sums[2].detach(), kd_mask.sum())
+        out["agreement"] = _mean(sums[2].detach(), kd_count)
     return out
 
 
@@ -178,14 +196,18 @@ def feature_loss(student: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
     return _mean((err * mask).sum(), mask.sum())
 
 
-def relation_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def relation_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor,
+                  segments: torch.Tensor | None = None) -> torch.Tensor:
     """Token-relation transfer: KL(R_t || R_s), R = softmax(H H^T / sqrt(d)) over the causal past.
 
-    student [B, T, Ds], teacher [B, T, Dt] (any widths: relations are T x T), mask [B, T].
+    student [B, T, Ds], teacher [B, T, Dt] (any widths: relations are T x T), mask [B, T]; segments [B, T]
+    (optional) numbers the documents of a packed sequence: a token relates only to its own document's past.
     States are standardised first so the temperature sqrt(d) means the same for both models."""
     b, t, _ = student.shape
     causal = torch.ones(t, t, dtype=torch.bool, device=student.device).tril()
     keys = causal.unsqueeze(0) & mask.bool().unsqueeze(1)  # [B, T, T]
+    if segments is not None:
+        keys = keys & (segments.unsqueeze(2) == segments.unsqueeze(1))
 
     def log_relations(h: torch.Tensor) -> torch.Tensor:
         h = standardize(h)

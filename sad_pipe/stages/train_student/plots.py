@@ -43,7 +43,8 @@ def plot_metrics(metrics_path: Path, out_dir: Path) -> list[Path]:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=k[5:])
         ax.set_title("eval (weights of the same step)")
         ax.set_xlabel("optimizer step")
-        ax.legend(fontsize=8)
+        if keys:
+            ax.legend(fontsize=8)
         fig.tight_layout()
         paths.append(out_dir / "eval.png")
         fig.savefig(paths[-1], dpi=100)

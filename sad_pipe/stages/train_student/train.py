@@ -39,6 +39,8 @@ from sad_pipe.pipeline import distributed
 from sad_pipe.pipeline.config import COMPONENTS, Config
 from sad_pipe.pipeline.models import (
     build_student,
+    check_same_vocabulary,
+    generation_config_for,
     hidden_size_of,
     load_causal_lm,
     load_tokenizer,
@@ -55,6 +57,7 @@ from sad_pipe.stages.train_student.losses import (
     TeacherTargets,
     balance_loss,
     feature_loss,
+    fit_vocabulary,
     relation_loss,
     vocab_losses,
 )
@@ -90,8 +93,10 @@ class DistillModel(nn.Module):
     def base(self) -> nn.Module:
         return getattr(self.student, self.student.base_model_prefix)
 
-    def forward(self, input_ids, student_layers: list[int] | None, teacher_states=None, mask=None):
-        out = self.base(input_ids=input_ids, use_cache=False, output_hidden_states=student_layers or False)
+    def forward(self, input_ids, position_ids, student_layers: list[int] | None, teacher_states=None, mask=None):
+        # position_ids restarting per document: transformers masks attention per document (packed sequences).
+        out = self.base(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                        output_hidden_states=student_layers or False)
         states = [out.hidden_states[i] for i in student_layers] if student_layers else []
         routed = None
         if teacher_states is not None and self.router is not None:
@@ -189,7 +194,8 @@ class Setup:
     train_set: CacheDataset
     student_layers: list[int]
     temperature_index: int | None
-    student_vocab: int
+    student_vocab: int  # the student's logit rows (its embedding table may be padded)
+    tokens: int  # len(tokenizer): rows past it are never a token and get no probability
 
 
 def _precision(name: str, device: torch.device) -> tuple[str, torch.dtype | None]:
@@ -233,6 +239,15 @@ def _check_cache_fits(cfg: Config, reader: CacheReader, total_steps: int) -> Non
                                 f"logsumexp at T, and the cache holds it only for T in {reader.temperatures}")
             if cfg.loss.kd_top_k is not None and cfg.loss.kd_top_k > reader.scheme.k:
                 problems.append(f"loss.kd_top_k {cfg.loss.kd_top_k}: the cache holds only the top {reader.scheme.k}")
+    cached_mask = reader.identity["packing"]["loss_mask"]
+    if cfg.loss.mask is not None and cfg.loss.mask != cached_mask:
+        problems.append(f"loss.mask {cfg.loss.mask}: the cache was built with loss.mask {cached_mask} "
+                        + ("(it holds teacher outputs for the assistant's tokens only)" if cached_mask == "assistant"
+                           else "(it has no assistant tokens to restrict to)")
+                        + "; leave loss.mask unset to follow the cache, or build a cache with it")
+    if cfg.loss.mask_document_edges and reader.identity["packing"]["attention"] == "documents":
+        problems.append("loss.mask_document_edges: the cache packs with attention per document, where no position "
+                        "is trained across two documents already; it applies to packing stream only")
     if uses & {"feature", "relation"} and not reader.layers:
         problems.append("curriculum: feature/relation have non-zero weight but the cache holds no hidden states "
                         "(build it with teacher.layers set, or set those weights to 0)")
@@ -245,17 +260,16 @@ def _check_cache_fits(cfg: Config, reader: CacheReader, total_steps: int) -> Non
 def _load_student(cfg: Config, tokenizer, max_length: int) -> nn.Module:
     if cfg.student.model is None and cfg.student.config is None:
         raise ConfigError("student: set student.model (pretrained path or hub id) or student.config (fresh model)")
-    student = build_student(cfg.student.config, cfg.student.model, vocab_size=len(tokenizer),
+    student = build_student(cfg.student.config, cfg.student.model, tokenizer=tokenizer,
                             revision=cfg.student.revision, trust_remote_code=cfg.student.trust_remote_code)
     if cfg.student.model is not None:
         try:
             own = load_tokenizer(cfg.student.model, cfg.student.revision, cfg.student.trust_remote_code)
         except ModelError:
             own = None  # no tokenizer shipped with the student: it uses the cache's
-        if own is not None and tokenizer_fingerprint(own) != tokenizer_fingerprint(tokenizer):
-            raise ModelError(f"student {cfg.student.model!r} uses a different tokenizer than the cache's teacher "
-                             f"({len(own)} vs {len(tokenizer)} tokens, different vocabulary or merges); "
-                             "a student must share the teacher's tokenizer for its logits to mean the same tokens")
+        if own is not None:
+            for warning in check_same_vocabulary(tokenizer, own, f"student {cfg.student.model!r}"):
+                log.warning("warning: %s", warning)
     vocab = vocab_size_of(student)
     if vocab < len(tokenizer):
         raise ModelError(f"student has {vocab} logits but the tokenizer has {len(tokenizer)} tokens; "
@@ -336,7 +350,7 @@ def _router(cfg: Config, reader: CacheReader, student: nn.Module, student_layers
                        project=cfg.loss.feature_projection, fixed_map=fixed)
 
 
-def _online_teacher(cfg: Config, reader: CacheReader, device: torch.device) -> nn.Module:
+def _online_teacher(cfg: Config, reader: CacheReader, tokenizer, device: torch.device) -> nn.Module:
     """kd_form full: the teacher itself, resident in memory (the baseline the cache replaces)."""
     name = cfg.teacher.model or reader.identity["teacher"] and reader.identity["teacher"]["model"]
     if not name:
@@ -344,14 +358,16 @@ def _online_teacher(cfg: Config, reader: CacheReader, device: torch.device) -> n
     teacher = load_causal_lm(name, revision=cfg.teacher.revision, dtype=resolve_dtype(cfg.teacher.dtype, device),
                              device=device, trust_remote_code=cfg.teacher.trust_remote_code, what="teacher")
     teacher.eval().requires_grad_(False)
-    if tokenizer_fingerprint(load_tokenizer(name, cfg.teacher.revision, cfg.teacher.trust_remote_code)) != \
-            reader.identity["tokenizer"]["sha256"]:
-        raise ModelError(f"online teacher {name!r} uses a different tokenizer than the cache")
+    own = load_tokenizer(name, cfg.teacher.revision, cfg.teacher.trust_remote_code)
+    for warning in check_same_vocabulary(tokenizer, own, f"online teacher {name!r}"):
+        log.warning("warning: %s", warning)
     return teacher
 
 
 def setup(cfg: Config) -> Setup:
     cfg.require("cache.path", "train.output")
+    if os.path.isfile(cfg.train.output):  # refused before any work, like cache.path
+        raise ConfigError(f"train.output {cfg.train.output}: is a file, expected a directory")
     reader = CacheReader(cfg.cache.path)
     with reader.cache.local_dir("tokenizer") as tokenizer_dir:  # a temp copy if the cache is on an object store
         tokenizer = load_tokenizer(tokenizer_dir)
@@ -387,7 +403,7 @@ def setup(cfg: Config) -> Setup:
     if distributed.active():
         model = nn.parallel.DistributedDataParallel(DistillLoss(core), find_unused_parameters=router is not None)
     uses_online_kd = cfg.loss.kd_form == "full" and any(active_step_ranges(cfg.curriculum, total)["kd"])
-    teacher = _online_teacher(cfg, reader, device) if uses_online_kd else None
+    teacher = _online_teacher(cfg, reader, tokenizer, device) if uses_online_kd else None
 
     optimizer = _optimizer(model, cfg)
     warmup, kind = cfg.train.warmup_steps, cfg.train.lr_schedule
@@ -413,10 +429,34 @@ def setup(cfg: Config) -> Setup:
     )
     t_index = reader.temperatures.index(cfg.loss.temperature) if cfg.loss.temperature in reader.temperatures else None
     return Setup(cfg, reader, tokenizer, model, core, teacher, device, autocast_dtype, scaler, optimizer, scheduler,
-                 plan, train_set, student_layers, t_index, student.get_output_embeddings().weight.shape[0])
+                 plan, train_set, student_layers, t_index, student.get_output_embeddings().weight.shape[0],
+                 len(tokenizer))
 
 
 # -- one batch: the loss every caller (train and eval) shares -----------------------------------------------
+
+def loss_masks(s: Setup, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(CE mask, KD mask) [B, T] float, on the loader's device. KD trains where stage one did (the cache's
+    loss_mask: never across two documents with packing "documents", only the assistant's tokens of chat
+    data); CE also needs the next token inside the sequence."""
+    kd = batch["loss_mask"].float()
+    if s.cfg.loss.mask_document_edges:  # packing stream: do not learn "what follows EOS" across unrelated documents
+        kd = kd * (batch["input_ids"] != s.reader.identity["tokenizer"]["eos_token_id"]).float()
+    ce = kd.clone()
+    ce[:, -1] = 0
+    return ce, kd
+
+
+def global_counts(s: Setup, batch: dict[str, torch.Tensor]) -> tuple[float, float]:
+    """Under DDP: the CE and KD positions of this micro-batch summed over the ranks, over their number.
+    Ranks' batches hold different numbers of trained positions (documents end anywhere); dividing each rank's
+    sum by this common count makes DDP's average of gradients the gradient of the global mean. The masks
+    are CPU tensors from the loader: the all-reduce never waits for a device."""
+    ce, kd = loss_masks(s, batch)
+    counts = torch.tensor([float(ce.sum()), float(kd.sum())], dtype=torch.float64)
+    distributed.all_reduce_sum(counts)
+    return tuple((counts / distributed.world_size()).tolist())
+
 
 def batch_losses(s: Setup, batch: dict[str, torch.Tensor], weights: dict[str, float], model: nn.Module | None = None) -> dict[str, torch.Tensor]:
     """Raw components (only those with weight > 0, plus CE and KD agreement as metrics) and the weighted total.
@@ -426,12 +466,11 @@ def batch_losses(s: Setup, batch: dict[str, torch.Tensor], weights: dict[str, fl
         return (model or s.model)(s, batch, weights)  # DistillLoss.forward, which comes back here with the core
     cfg, dev = s.cfg, s.device
     ids = batch["input_ids"].to(dev, non_blocking=True).long()
+    positions = batch["position_ids"].to(dev, non_blocking=True).long()
     b, t = ids.shape
     labels = torch.cat([ids[:, 1:], torch.full((b, 1), -1, device=dev, dtype=ids.dtype)], dim=1)
-    kd_mask = torch.ones(b, t, device=dev)
-    if cfg.loss.mask_document_edges:  # do not learn "what follows EOS" across unrelated documents
-        kd_mask = kd_mask * (ids != s.reader.identity["tokenizer"]["eos_token_id"]).float()
-    ce_mask = kd_mask * (labels >= 0).float()
+    ce_mask, kd_mask = (m.to(dev, non_blocking=True) for m in loss_masks(s, batch))
+    token_mask = torch.ones(b, t, device=dev)  # hidden-state losses: every position has a state to match
     want = {c for c in COMPONENTS if weights[c] > 0}
     need_hidden = bool(want & {"feature", "relation"})
 
@@ -442,15 +481,15 @@ def batch_losses(s: Setup, batch: dict[str, torch.Tensor], weights: dict[str, fl
         teacher_states = [h if h.device == dev else h.to(dev) for h in teacher_states]
     autocast = torch.autocast(dev.type, dtype=s.autocast_dtype) if s.autocast_dtype else nullcontext()
     with autocast:
-        last, states, routed = (model or s.model)(ids, s.student_layers if need_hidden else None,
-                                       teacher_states if "feature" in want else None, kd_mask)
+        last, states, routed = (model or s.model)(ids, positions, s.student_layers if need_hidden else None,
+                                                  teacher_states if "feature" in want else None, token_mask)
 
     targets = None  # teacher targets: for KD, and (when the cache gives them anyway) for top-1 agreement
     if "kd" in want or "topk_ids" in batch:
         if cfg.loss.kd_form == "full" and s.teacher is not None and "kd" in want:
             with torch.no_grad():
-                full = s.teacher(input_ids=ids, use_cache=False).logits.reshape(b * t, -1)
-            targets = TeacherTargets(full_logits=full[:, :s.student_vocab] if full.shape[1] >= s.student_vocab else full)
+                full = s.teacher(input_ids=ids, position_ids=positions, use_cache=False).logits.reshape(b * t, -1)
+            targets = TeacherTargets(full_logits=fit_vocabulary(full.float(), s.tokens, s.student_vocab))
         elif "topk_ids" in batch:
             top = decode_topk({k: batch[k].to(dev, non_blocking=True) for k in ("topk_ids", "topk_values", "topk_max", "topk_step") if k in batch},
                               s.reader.scheme, cfg.loss.kd_top_k)
@@ -461,14 +500,17 @@ def batch_losses(s: Setup, batch: dict[str, torch.Tensor], weights: dict[str, fl
     head = s.core.student.get_output_embeddings()
     out = vocab_losses(last.reshape(b * t, -1), head.weight, head.bias, labels.reshape(-1), ce_mask.reshape(-1),
                        kd_mask.reshape(-1), targets, form=cfg.loss.kd_form, temperature=cfg.loss.temperature,
-                       chunk_tokens=cfg.loss.chunk_tokens, compute_kd="kd" in want)
+                       chunk_tokens=cfg.loss.chunk_tokens, compute_kd="kd" in want, vocab_limit=s.tokens,
+                       counts=batch.get("global_counts"))
     if "feature" in want:
         projected, target_states, routing = routed
-        out["feature"] = sum(feature_loss(p, tgt, kd_mask) for p, tgt in zip(projected, target_states)) / len(projected)
+        out["feature"] = sum(feature_loss(p, tgt, token_mask) for p, tgt in zip(projected, target_states)) / len(projected)
         out["router_balance"] = balance_loss(routing)
     if "relation" in want:
         pairs = s.core.router.fixed_map.tolist() if s.core.router is not None else range(len(states))
-        out["relation"] = sum(relation_loss(h, teacher_states[j], kd_mask) for h, j in zip(states, pairs)) / len(states)
+        segments = (positions == 0).cumsum(-1)  # relations pair tokens of one document piece only
+        out["relation"] = sum(relation_loss(h, teacher_states[j], token_mask, segments)
+                              for h, j in zip(states, pairs)) / len(states)
     # In COMPONENTS order, never a set's: set order follows the per-process string hash seed, and a float sum
     # in another order differs in its last bits, so a resumed process would not reproduce the run it continues.
     total = sum((weights[c] * out[c] for c in COMPONENTS if c in want), out["ce"].new_zeros(()))
@@ -697,6 +739,7 @@ def _finish(s: Setup, run_dir: Path, state: LoopState, final_eval: dict, result:
     with open(run_dir / "metrics.jsonl", "a") as f:
         f.write(_json_line({**_eval_record(s, state.step, final_eval), "final": True}))
     final = run_dir / "final"
+    s.core.student.generation_config = generation_config_for(s.core.student, s.tokenizer)
     s.core.student.save_pretrained(final)
     s.tokenizer.save_pretrained(final)
     if s.core.router is not None:
@@ -761,6 +804,8 @@ def _train(s: Setup, state: LoopState, run_dir: Path, metrics) -> None:
             weights = step_weights(state.step, plan.total_steps, cfg.curriculum)
             last_of_step = b + 1 == group_start + group_size
             sync = nullcontext() if last_of_step or not distributed.active() else s.model.no_sync()
+            if distributed.active():
+                batch["global_counts"] = global_counts(s, batch)
             with sync:
                 out = batch_losses(s, batch, weights)
                 # A non-finite loss is backpropagated like any other (its NaN gradients are thrown away with
@@ -847,9 +892,11 @@ def _end_of_step(s: Setup, state: LoopState, inputs: StepInputs, weights: dict[s
             f"sequences {bad_ids[:16]}); stopping. Lower train.learning_rate or loss.temperature, "
             "or check the cache with sad-pipe verify --full"
         )
-    bar.update(1)
+    # refresh=False: the bar redraws at its own pace (rate-limited in a log file), not at every step
     bar.set_postfix_str(f"loss={sums.get('total', float('nan')):.4f} lr={format_lr(lr)} "
-                        f"tok/s={record['tokens_per_second']:,.0f}" + (f" skipped={state.skipped_steps}" if state.skipped_steps else ""))
+                        f"tok/s={record['tokens_per_second']:,.0f}" + (f" skipped={state.skipped_steps}" if state.skipped_steps else ""),
+                        refresh=False)
+    bar.update(1)
 
 
 def _json_line(record: dict) -> str:

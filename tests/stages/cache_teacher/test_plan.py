@@ -16,7 +16,7 @@ from sad_pipe.storage.fs import CacheFS
 def test_per_rank_tokenizing_merges_to_the_single_process_packing(assets, tmp_path, monkeypatch):
     cfg = validate({"data": {"path": assets["data"], "max_length": 64, "eval_fraction": 0.1}})
     tokenizer = AutoTokenizer.from_pretrained(assets["tokenizer"])
-    single = [(split, seq.copy(), span) for split, seq, span in PackedDocuments(cfg.data, tokenizer)]
+    single = list(PackedDocuments(cfg.data, tokenizer))
     # Batches of 7 documents: three ranks each get several, so the merge order really is tested.
     monkeypatch.setattr(plan_module, "document_batches", functools.partial(document_batches, size=7))
     cache = CacheFS(str(tmp_path / "cache"))
@@ -27,6 +27,7 @@ def test_per_rank_tokenizing_merges_to_the_single_process_packing(assets, tmp_pa
     merged = list(PackedDocuments(DataConfig(**cfg.data.model_dump()), tokenizer,
                                   batches=plan_module.tokenized_batches(cache, 9)))
     assert len(merged) == len(single) > 10
-    for (s1, q1, p1), (s2, q2, p2) in zip(single, merged):
-        assert s1 == s2 and p1 == p2
-        np.testing.assert_array_equal(q1, q2)
+    for a, b in zip(single, merged):
+        assert a.split == b.split and a.doc_span == b.doc_span
+        for name in ("input_ids", "position_ids", "loss_mask"):
+            np.testing.assert_array_equal(getattr(a, name), getattr(b, name))

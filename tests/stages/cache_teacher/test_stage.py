@@ -64,7 +64,7 @@ def write_config(root: Path, model: str | None, docs: str, **sections) -> str:
                   "sequences_per_shard": PER_SHARD, "sequences_per_chunk": 8},
     }
     for section, values in sections.items():
-        cfg[section].update(values)
+        cfg.setdefault(section, {}).update(values)
     root.mkdir(parents=True, exist_ok=True)
     (root / "config.json").write_text(json.dumps(cfg))
     return str(root / "config.json")
@@ -140,17 +140,32 @@ def reference(docs_path, assets, tmp_path_factory) -> str:
 
 def assert_matches_teacher(url: str, model_path: str, layers: list[int]) -> None:
     """Top-k ids exactly, values within the encoding's bound, lse at each T, target log-prob and hidden states,
-    against the teacher run directly (same batches, so the same float operations) with output_hidden_states."""
+    against the teacher run directly (same batches and position ids, so the same float operations) with
+    output_hidden_states, at every trained position; the untrained ones hold zeros."""
     r = CacheReader(url)
     model = AutoModelForCausalLM.from_pretrained(model_path).eval()
     temps, k, values = r.temperatures, r.scheme.k, r.scheme.values
     for split, arrays in read_all(url).items():
+        mask = arrays["loss_mask"]
+        assert mask.mean() > 0.8 and not mask.all(), split  # documents end inside these sequences
         for s in range(0, len(arrays["input_ids"]), BATCH):
             ids = torch.from_numpy(arrays["input_ids"][s:s + BATCH].astype(np.int64))
+            positions = torch.from_numpy(arrays["position_ids"][s:s + BATCH].astype(np.int64))
             with torch.inference_mode():
-                out = model(input_ids=ids, output_hidden_states=True, use_cache=False)
-            logits = out.logits.float()
-            got = {name: torch_view(a[s:s + BATCH]) for name, a in arrays.items()}
+                out = model(input_ids=ids, position_ids=positions, output_hidden_states=True, use_cache=False)
+            trained = torch.from_numpy(arrays["loss_mask"][s:s + BATCH]).bool()
+            all_got = {name: torch_view(a[s:s + BATCH]) for name, a in arrays.items()}
+            for name in ("topk_ids", "topk_values", "topk_max", "lse", "target_logprob"):
+                assert (all_got[name][~trained] == 0).all(), name
+            for layer in layers:
+                h = decode_hidden(all_got[f"hidden_{layer}"], None, "bf16")
+                torch.testing.assert_close(h, out.hidden_states[layer], rtol=2.0**-8, atol=1e-6)
+            assert {n for n in all_got if n.startswith("hidden_")} == {f"hidden_{layer}" for layer in layers}
+            logits_all = out.logits.float()
+            next_ids = torch.cat([ids[:, 1:], ids[:, :1]], 1)
+            has_next = (torch.arange(ids.shape[1]) < ids.shape[1] - 1).expand_as(ids)[trained]
+            logits, ids = logits_all[trained], next_ids[trained]
+            got = {name: a[trained] for name, a in all_got.items() if not name.startswith("hidden_")}
 
             top = decode_topk(got, r.scheme)
             assert torch.equal(top.ids, logits.topk(k, dim=-1).indices.sort(dim=-1).values), f"{split} batch {s}"
@@ -164,14 +179,39 @@ def assert_matches_teacher(url: str, model_path: str, layers: list[int]) -> None
 
             for j, t in enumerate(temps):
                 torch.testing.assert_close(got["lse"][..., j], torch.logsumexp(logits / t, -1), rtol=1e-6, atol=1e-5)
-            logp = torch.log_softmax(logits, -1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
-            torch.testing.assert_close(got["target_logprob"][:, :-1], logp, rtol=1e-6, atol=1e-5)
-            assert (got["target_logprob"][:, -1] == 0).all()  # no next token inside the sequence
+            logp = torch.log_softmax(logits, -1).gather(-1, ids[:, None]).squeeze(-1)
+            torch.testing.assert_close(got["target_logprob"][has_next], logp[has_next], rtol=1e-6, atol=1e-5)
+            assert (got["target_logprob"][~has_next] == 0).all()  # no next token inside the sequence
 
-            for layer in layers:
-                h = decode_hidden(got[f"hidden_{layer}"], None, "bf16")
-                torch.testing.assert_close(h, out.hidden_states[layer], rtol=2.0**-8, atol=1e-6)
-            assert {n for n in got if n.startswith("hidden_")} == {f"hidden_{layer}" for layer in layers}
+
+def test_a_document_gets_the_teacher_outputs_it_gets_alone_whatever_it_is_packed_with(assets, tmp_path):
+    """Packing documents: every document that lies whole inside a sequence after another one has the top-k
+    and logsumexp of the teacher run on that document alone (fp32 tolerance)."""
+    docs = tmp_path / "short.jsonl"
+    docs.write_text("".join(json.dumps({"text": d[:90]}) + "\n" for d in assets["docs"][:24]))
+    config = write_config(tmp_path, assets["llama"], str(docs), data={"eval_fraction": 0.0, "max_length": 64})
+    run(config)
+    model = AutoModelForCausalLM.from_pretrained(assets["llama"]).eval()
+    r = CacheReader(cache_path(config))
+    arrays = read_all(cache_path(config))["train"]
+    checked = 0
+    for row in range(len(arrays["input_ids"])):
+        pos = arrays["position_ids"][row].astype(np.int64)
+        starts = [t for t in range(1, len(pos)) if pos[t] == 0]  # documents that follow another in the sequence
+        for a, b in zip(starts, starts[1:]):
+            ids = torch.from_numpy(arrays["input_ids"][row, a:b].astype(np.int64))[None]
+            with torch.inference_mode():
+                alone = model(input_ids=ids, use_cache=False).logits.float()[0]
+            got = decode_topk({k: torch_view(arrays[k][row:row + 1, a:b - 1]) for k in
+                               ("topk_ids", "topk_values", "topk_max", "topk_step")}, r.scheme)
+            want = alone[:-1].topk(r.scheme.k, dim=-1).indices.sort(dim=-1).values
+            assert torch.equal(got.ids[0], want), (row, a, b)
+            lse = torch_view(arrays["lse"][row, a:b - 1])
+            for j, t in enumerate(r.temperatures):
+                torch.testing.assert_close(lse[:, j], torch.logsumexp(alone[:-1] / t, -1), rtol=1e-5, atol=1e-5)
+            assert arrays["loss_mask"][row, b - 1] == 0  # its last token never predicts the next document
+            checked += 1
+    assert checked >= 3
 
 
 def test_llama_cache_matches_a_direct_forward(reference, assets):
@@ -227,9 +267,8 @@ def test_a_vocabulary_above_65535_is_stored_as_uint32(tmp_path):
 def test_cached_tokens_are_the_packed_documents_and_the_same_on_every_run(reference, docs_path, assets, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(assets["llama"])
     expected = {"train": [], "eval": []}
-    for split, seq, span in PackedDocuments(DataConfig(path=docs_path, max_length=MAX_LENGTH, eval_fraction=EVAL_FRACTION),
-                                            tokenizer):
-        expected[split].append((seq, span))
+    for seq in PackedDocuments(DataConfig(path=docs_path, max_length=MAX_LENGTH, eval_fraction=EVAL_FRACTION), tokenizer):
+        expected[seq.split].append((seq.input_ids, seq.doc_span))
     arrays = read_all(reference)
     for split, rows in expected.items():
         assert len(rows) >= 2
@@ -260,11 +299,11 @@ def failing_on_call(monkeypatch, n: int, error: BaseException) -> None:
     """The teacher raises `error` on its n-th batch (batches 4i+1 to 4i+4 make shard i)."""
     original, calls = runner.TeacherRunner.__call__, []
 
-    def call(self, input_ids):
+    def call(self, input_ids, *rest):
         calls.append(1)
         if len(calls) == n:
             raise error
-        return original(self, input_ids)
+        return original(self, input_ids, *rest)
 
     monkeypatch.setattr(runner.TeacherRunner, "__call__", call)
 
@@ -439,3 +478,35 @@ def test_dry_run_projects_the_cache_and_writes_nothing(reference, assets, docs_p
     text = run(config, "--dry-run").stdout
     assert all(name in text for name in ("sequences", "tokens", "topk_ids", "lse", "hidden_1", "hidden_2"))
     assert not os.path.exists(cache_path(config))
+
+
+# -- chat data -------------------------------------------------------------------------------------------
+
+def test_chat_data_stores_teacher_outputs_only_for_the_assistants_tokens(assets, tmp_path):
+    """format messages: the cache stores the assistant mask, the prompt positions hold no teacher outputs (so
+    the top-k arrays shrink next to a loss.mask all cache of the same data) and inspect tells the share."""
+    from conftest import special_tokenizer
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(assets["llama"], teacher)
+    special_tokenizer(str(teacher), assets["docs"][:30], bos=True, chat=True)  # an "Instruct" teacher's tokenizer
+    words = " ".join(assets["docs"][3].split()[:400]).split()
+    rows = [[{"role": "system", "content": " ".join(words[i:i + 30])}, {"role": "user", "content": " ".join(words[i + 30:i + 60])},
+             {"role": "assistant", "content": " ".join(words[i + 60:i + 70])}] for i in range(0, 300, 10)]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": r}) + "\n" for r in rows))
+    sizes = {}
+    for mask in ("assistant", "all"):
+        config = write_config(tmp_path / mask, str(teacher), str(data), teacher={"layers": []},
+                              data={"format": "messages", "eval_fraction": 0.0}, loss={"mask": mask})
+        run(config)
+        report = json.loads(cli("inspect", cache_path(config), "--json").stdout)
+        sizes[mask] = report
+        arrays = read_all(cache_path(config), {"input_ids", "topk"})["train"]
+        trained = arrays["loss_mask"].astype(bool)
+        assert (arrays["topk_ids"][~trained] == 0).all() and (arrays["topk_ids"][trained].max(-1) > 0).all()
+    share = sizes["assistant"]["stored_positions_share"]
+    assert 0.05 < share < 0.35 and sizes["all"]["stored_positions_share"] > 0.9
+    topk = {m: sum(v for k, v in r["bytes_per_token_by_array"].items() if k.startswith("topk")) for m, r in sizes.items()}
+    assert topk["assistant"] < 0.5 * topk["all"]
+    assert CacheReader(sizes["assistant"]["cache"]).identity["packing"]["loss_mask"] == "assistant"

@@ -354,7 +354,7 @@ BAD_INPUT = [
     case(lambda p: {"cache": {"path": str(p.tmp / "nowhere")}}, 1, "no manifest.json", "cache missing"),
     case(lambda p: {"cache": {"path": incomplete_cache(p.tmp, p.cache)}}, 1, "incomplete (no manifest.json)",
          "cache incomplete"),
-    case(lambda p: {"student": {"model": p.foreign_student}}, 1, "different tokenizer than the cache's teacher",
+    case(lambda p: {"student": {"model": p.foreign_student}}, 1, "uses another vocabulary than the cache's teacher",
          "tokenizer mismatch"),
     case(lambda p: {"loss": {"student_layers": [1, 5]}}, 2, "loss.student_layers [5]: out of range",
          "layer out of range"),
