@@ -147,9 +147,20 @@ def max_positions_of(model) -> int | None:
     return None
 
 
+def content_fingerprint(name: str, revision: str | None) -> dict:
+    """What a model *is*: a content hash of each weight, config and tokenizer file (and the commit of a hub
+    id), remembered per file by its stat so an unchanged 15 GB teacher is not read again
+    (pipeline/fingerprint.py). Taken after loading: a hub snapshot holds only the files downloaded so far."""
+    from sad_pipe.pipeline.fingerprint import model_fingerprint
+
+    fp = model_fingerprint(name, revision)
+    return {"commit": fp.get("commit"), "files": fp["files"]}
+
+
 def teacher_identity(model, name: str, revision: str | None) -> dict:
     return {
-        "model": name, "revision": revision, "config_sha256": config_hash(model.config),
+        "model": name, "revision": revision, "fingerprint": content_fingerprint(name, revision),
+        "config_sha256": config_hash(model.config),
         "architecture": type(model).__name__, "vocab_size": vocab_size_of(model),
         "hidden_size": hidden_size_of(model), "num_layers": num_layers_of(model),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),

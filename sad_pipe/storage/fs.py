@@ -64,14 +64,27 @@ class CacheFS:
         return self._fs
 
     # -- paths -----------------------------------------------------------------------------
-    def path(self, rel: str = "") -> str:
-        """Absolute path (or bucket key) of `rel`, refusing anything that escapes the cache root."""
+    def _joined(self, rel: str) -> str:
         if rel in ("", "."):
             return self.root
         norm = posixpath.normpath(rel)
         if rel.startswith(("/", "\\")) or norm == ".." or norm.startswith("../") or "\\" in rel:
             raise CacheError(f"refusing path {rel!r}: paths in a cache must stay inside {self.url}")
         return posixpath.join(self.root, norm) if not self.is_local else os.path.join(self.root, norm)
+
+    def path(self, rel: str = "") -> str:
+        """Absolute path (or bucket key) of `rel`, refusing anything that escapes the cache root, by name or,
+        locally, through a symbolic link inside the cache that points out of it (never followed)."""
+        full = self._joined(rel)
+        if self.is_local:
+            self._refuse_links_out(full)
+        return full
+
+    def _refuse_links_out(self, full: str) -> None:
+        real, root = os.path.realpath(full), os.path.realpath(self.root)
+        if real != root and not real.startswith(root + os.sep):
+            raise CacheError(f"refusing {full}: a symbolic link to {real}, outside the cache {self.url}; "
+                             "a cache's files must be inside it (links out of it are never followed)")
 
     # -- reading -------------------------------------------------------------------------------
     def exists(self, rel: str) -> bool:
@@ -96,8 +109,13 @@ class CacheFS:
         return sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(path, detail=False))
 
     def walk_files(self, rel: str) -> dict[str, int]:
-        """{path relative to `rel`: size} for every file below `rel`."""
+        """{path relative to `rel`: size} for every file below `rel` (a link out of the cache is refused)."""
         base = self.path(rel)
+        if self.is_local:
+            for dirpath, dirnames, filenames in os.walk(base):
+                for name in dirnames + filenames:
+                    if os.path.islink(os.path.join(dirpath, name)):
+                        self._refuse_links_out(os.path.join(dirpath, name))
         out = {}
         for full, info in self.fs.find(base, detail=True).items():
             if info.get("type") == "file":
@@ -222,6 +240,9 @@ class CacheFS:
             self.fs.rm(base, recursive=True)
 
     def remove(self, rel: str) -> None:
+        if self.is_local and os.path.islink(self._joined(rel)):  # the link itself, never what it points to
+            os.unlink(self._joined(rel))
+            return
         path = self.path(rel)
         if self.fs.exists(path):
             self.fs.rm(path, recursive=True)

@@ -102,6 +102,7 @@ class Plan:
     identity: dict
     splits: dict[str, dict]
     tokens: dict[str, dict] = field(default_factory=dict)  # split -> {"dir": ..., "sha256": ...}
+    files: dict[str, dict] = field(default_factory=dict)  # config.json, tokenizer/*: {path: {"size", "sha256"}}
     created: str = field(default_factory=now)
 
     @property
@@ -115,13 +116,14 @@ class Plan:
         return {
             "format": FORMAT, "format_version": FORMAT_VERSION, "identity": self.identity,
             "arrays": {a.name: a.to_json() for a in self.arrays}, "splits": self.splits,
-            "tokens": self.tokens, "created": self.created,
+            "tokens": self.tokens, "files": self.files, "created": self.created,
         }
 
     @classmethod
     def from_json(cls, d: dict, where: str) -> Plan:
         check_format(d, where)
-        return cls(identity=d["identity"], splits=d["splits"], tokens=d.get("tokens", {}), created=d["created"])
+        return cls(identity=d["identity"], splits=d["splits"], tokens=d.get("tokens", {}), files=d.get("files", {}),
+                   created=d["created"])
 
 
 def check_format(d: dict, where: str) -> None:

@@ -5,7 +5,6 @@ the manifest (if any) names exactly the committed shards. Full verify adds: sha2
 every chunk decoded (crc32c checked by zarr), shapes and row counts, ids < vocab, values finite.
 A damaged shard is reported by name; `drop_shards` deletes its commit so that the next cache-teacher
 run re-creates it whole (shards are never patched in place; `sad-pipe verify --repair` does both).
-Storage knows no tokenizers: the check of the cache's tokenizer/ is a function the caller passes in.
 """
 
 from __future__ import annotations
@@ -13,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -72,6 +70,9 @@ def _check_files(cache: CacheFS, rel: str, files: dict, full: bool, report: Veri
         present = cache.walk_files(rel)
     except FileNotFoundError:
         present = {}
+    except CacheError as exc:  # a link out of the cache: reported, never followed
+        report.add(where, str(exc))
+        return False
     good = True
     if not present and files:
         report.add(where, f"{rel}: directory missing")
@@ -92,6 +93,25 @@ def _check_files(cache: CacheFS, rel: str, files: dict, full: bool, report: Veri
                 good = False
         report.files_checked += 1
     return good
+
+
+def check_plan_files(cache: CacheFS, plan: Plan, full: bool = True) -> list[str]:
+    """Problems of the small files plan.json records (config.json, tokenizer/*): missing, another size, or
+    (`full`) other contents. A handful of small files: each is looked up by name, never by a listing."""
+    from sad_pipe.storage.writer import sha256_file
+
+    problems = []
+    for name, info in sorted(plan.files.items()):
+        try:
+            size = cache.size(name)
+        except FileNotFoundError:
+            problems.append(f"{name}: missing")
+            continue
+        if size != info["size"]:
+            problems.append(f"{name}: {size} bytes, the plan says {info['size']}")
+        elif full and sha256_file(cache, name) != info["sha256"]:
+            problems.append(f"{name}: sha256 mismatch (contents changed since the plan was made)")
+    return problems
 
 
 def _check_arrays(cache: CacheFS, rel: str, specs: list[ArraySpec], sequences: tuple[int, int], max_length: int,
@@ -148,9 +168,8 @@ def _value_problem(spec: ArraySpec, data: np.ndarray, vocab: int, values: str) -
     return None
 
 
-def verify(url: str, full: bool = False, *, tokenizer_fingerprint: Callable[[str], str] | None = None) -> VerifyReport:
-    """Check a cache (quick, or `full`). `tokenizer_fingerprint(local_dir)` gives the fingerprint of the
-    tokenizer saved in a directory; with it, a full verify also checks the cache's tokenizer/ against the plan."""
+def verify(url: str, full: bool = False) -> VerifyReport:
+    """Check a cache (quick, or `full`): see the module docstring."""
     cache = CacheFS(url)
     report = VerifyReport(cache=url, full=full)
     plan = read_plan(cache)
@@ -212,8 +231,8 @@ def verify(url: str, full: bool = False, *, tokenizer_fingerprint: Callable[[str
                               report, where)
     if manifest is not None and full:
         _check_index(cache, plan, commits, report)
-    if full and tokenizer_fingerprint is not None and cache.exists("tokenizer"):
-        _check_tokenizer(cache, plan, report, tokenizer_fingerprint)
+    for problem in check_plan_files(cache, plan, full):  # config.json and tokenizer/: a change there is damage too
+        report.add("cache", problem)
     if not cache.exists("manifest.json"):
         report.add("cache", "no manifest.json: the cache is incomplete; re-run the same cache-teacher command to finish it")
     report.complete = manifest is not None and not report.damaged_shards()
@@ -267,18 +286,6 @@ def _check_tokens(cache, rel, rows, max_length, tokenizer_size, vocab, report, w
         report.add(where, f"input_ids unreadable ({type(exc).__name__}: {str(exc)[:200]})")
 
 
-def _check_tokenizer(cache: CacheFS, plan: Plan, report: VerifyReport, fingerprint: Callable[[str], str]) -> None:
-    """The cache's tokenizer/ has no hashes of its own: it must load and tokenize as the plan's fingerprint says."""
-    try:
-        with cache.local_dir("tokenizer") as path:
-            found = fingerprint(path)
-    except Exception as exc:  # noqa: BLE001 - whatever a damaged file makes the tokenizer library raise
-        report.add("cache", f"tokenizer/: cannot load ({type(exc).__name__}: {str(exc)[:200]})")
-        return
-    if found != plan.identity["tokenizer"]["sha256"]:
-        report.add("cache", f"tokenizer/: fingerprint {found[:12]}, the plan says {plan.identity['tokenizer']['sha256'][:12]}")
-
-
 def _check_index(cache: CacheFS, plan: Plan, commits: dict, report: VerifyReport) -> None:
     """A checksummed read with the plan's row count, then the file itself against the one finalize would write
     now: Parquet checksums its pages but not its footer (statistics, schema), so a flip there reads silently.
@@ -322,7 +329,7 @@ def drop_shards(url: str, shards: list[tuple[str, int]]) -> None:
 
 
 # What a cache-teacher run creates in its directory before plan.json exists (plus `*.partial` files).
-UNPLANNED_ENTRIES = ("_tmp", "tokens", "commits", "shards", "tokenizer")
+UNPLANNED_ENTRIES = ("_tmp", "tokens", "commits", "shards", "tokenizer", "config.json")
 
 
 def holds_only_unplanned_leftovers(cache: CacheFS) -> bool:
@@ -358,7 +365,7 @@ def collect_garbage(cache: CacheFS, *, unplanned: bool = False) -> dict:
             continue
         try:
             size = sum(cache.walk_files(rel).values()) if not rel.endswith(".partial") else cache.size(rel)
-        except FileNotFoundError:
+        except (FileNotFoundError, CacheError):  # gone, or holding a link out of the cache: removed, not followed
             size = 0
         cache.remove(rel)
         removed.append(rel)

@@ -18,7 +18,7 @@ from stages.train_student.helpers import LLAMA_STUDENT, train, train_config
 
 from sad_pipe.pipeline.data import is_eval
 
-from .conftest import writer_config
+from .conftest import cache_of, writer_config
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -71,6 +71,35 @@ def unfinished_run(ctx) -> Path:
     shutil.copytree(ctx.finished, run)
     (run / "result.json").unlink()
     return run
+
+
+def replaced_teacher(ctx) -> list[str]:
+    """A cache stopped after its first shards, then the teacher's weights replaced by another model of the
+    same config, then the same command again."""
+    teacher = ctx.tmp / "teacher"
+    shutil.copytree(ctx.assets["llama"], teacher)
+    args = ["cache-teacher", "--config", writer_config(ctx.tmp, ctx.assets, ctx.docs, teacher={"model": str(teacher)},
+                                                       data={"max_documents": 3})]
+    cli("-q", *args)
+    (Path(cache_of(args[2])) / "manifest.json").unlink()  # as if stopped before its end
+    save_llama(str(ctx.tmp / "other"), 512, seed=7)
+    shutil.copy(ctx.tmp / "other" / "model.safetensors", teacher / "model.safetensors")
+    return args
+
+
+def replaced_student(ctx) -> list[str]:
+    """A run from a pretrained student, stopped, the student's weights replaced, then resumed."""
+    from transformers import AutoTokenizer
+
+    student = save_llama(str(ctx.tmp / "student"), 512, seed=1)
+    AutoTokenizer.from_pretrained(ctx.assets["tokenizer"]).save_pretrained(student)
+    config = train_config(ctx.tmp, ctx.cache, student={"model": student}, train={"max_steps": 2, "save_steps": 1,
+                                                                                  "eval_max_sequences": 4})
+    train(config)
+    (ctx.tmp / "run" / "result.json").unlink()
+    save_llama(str(ctx.tmp / "other"), 512, seed=2)
+    shutil.copy(ctx.tmp / "other" / "model.safetensors", Path(student) / "model.safetensors")
+    return ["train-student", "--config", config]
 
 
 def nan_teacher(ctx) -> str:
@@ -217,6 +246,8 @@ SCENARIOS = {
     "resume-other-cache": other_cache,
     "finished-run": lambda c: ["train-student", "--config", str(c.finished / "config.json")],
     "malicious-checkpoint": malicious_checkpoint,
+    "replaced-teacher": replaced_teacher,
+    "replaced-student": replaced_student,
     "output-is-file": lambda c: student(c, train={"output": str(write_json(c.tmp / "file", {}))}),
     "messages-not-a-list": lambda c: teacher(c, teacher={"model": chat_teacher(c)}, data={
         "format": "messages", "path": chat_rows(c, ["a string, not messages"])}),

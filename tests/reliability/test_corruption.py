@@ -98,9 +98,9 @@ def damaged_copy(reference, tmp_path_factory):
 
 
 def cases(root: Path) -> list[tuple[str, str, str, object]]:
-    """(file, label, kind, argument) for every damage of every file. config.json is left out: only
-    `verify --repair` reads it (to re-run the teacher), it is not cache data."""
-    files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name != "config.json")
+    """(file, label, kind, argument) for every damage of every file, config.json and the tokenizer included
+    (plan.json records their hashes)."""
+    files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
     return [(rel, *damage) for rel in files for damage in damages(root, rel)]
 
 
@@ -134,7 +134,6 @@ def test_every_damage_is_caught_by_full_verify_and_never_read_as_data(damaged_co
     all_cases = cases(root)
     chosen = sample(all_cases, request)
     caught_verify = caught_loader = 0
-    harmless: list = []
     for rel, _, kind, arg in chosen:
         path = root / rel
         original = path.read_bytes()
@@ -144,13 +143,8 @@ def test_every_damage_is_caught_by_full_verify_and_never_read_as_data(damaged_co
             # verify --full: a problem listed under the damaged shard, or (plan.json) refused as a whole
             try:
                 report = verify(url, full=True)
-                if report.ok and rel.startswith("tokenizer/"):
-                    # tokenizer/ has no hashes of its own; verify loads it and compares its fingerprint, so what
-                    # passes changed nothing the tokenizer does (a lost trailing newline): harmless
-                    harmless.append((rel, kind, arg))
-                else:
-                    assert not report.ok and where in report.problems, (rel, kind, arg, report.problems)
-                    caught_verify += 1
+                assert not report.ok and where in report.problems, (rel, kind, arg, report.problems)
+                caught_verify += 1
             except CacheError as exc:  # plan.json unreadable: verify refuses the whole cache, one line, exit 1
                 assert rel == "plan.json", (rel, kind, arg, exc)
                 caught_verify += 1
@@ -169,7 +163,6 @@ def test_every_damage_is_caught_by_full_verify_and_never_read_as_data(damaged_co
         finally:
             path.write_bytes(original)
     assert verify(url, full=True).ok
-    print(f"\ncorruption sweep: {caught_verify} of {len(chosen)} damages caught by verify --full, {len(harmless)} "
-          f"harmless (a tokenizer file changed without changing the tokenizer: {harmless}); {caught_loader} refused by the "
-          f"loader, the rest never read by it; {len(all_cases)} damages in the full sweep")
-    assert caught_verify + len(harmless) == len(chosen) and caught_verify > 0
+    print(f"\ncorruption sweep: {caught_verify} of {len(chosen)} damages caught by verify --full, {caught_loader} refused "
+          f"by the loader, the rest never read by it; {len(all_cases)} damages in the full sweep")
+    assert caught_verify == len(chosen) and caught_verify > 0

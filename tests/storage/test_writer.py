@@ -265,7 +265,7 @@ def test_plan_commit_and_manifest_records_hold_the_documented_fields(tmp_path):
     write_missing(url, plan, data)
     manifest = finalize(CacheFS(url), {"note": "x"})
     on_disk = json.load(open(os.path.join(url, "plan.json")))
-    assert sorted(on_disk) == ["arrays", "created", "format", "format_version", "identity", "splits", "tokens"]
+    assert sorted(on_disk) == ["arrays", "created", "files", "format", "format_version", "identity", "splits", "tokens"]
     assert on_disk["format"] == "sad-pipe-cache" and on_disk["format_version"] == FORMAT_VERSION
     assert sorted(on_disk["arrays"]) == sorted(stored_names(IDENTITY))
     assert on_disk["arrays"]["topk_values"] == {"dtype": "uint8", "per_token": [8],

@@ -6,6 +6,7 @@ a failure before it leaves only garbage that the next run's gc removes.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import shutil
@@ -14,7 +15,7 @@ import tempfile
 import numpy as np
 import torch
 
-from sad_pipe.errors import ConfigError, DataError
+from sad_pipe.errors import ConfigError, DataError, IdentityMismatch
 from sad_pipe.pipeline.config import Config
 from sad_pipe.pipeline.data import (
     Document,
@@ -25,6 +26,7 @@ from sad_pipe.pipeline.data import (
     document_batches,
     tokenize_batch,
 )
+from sad_pipe.pipeline.fingerprint import describe_change
 from sad_pipe.pipeline.models import (
     load_causal_lm,
     load_tokenizer,
@@ -43,7 +45,7 @@ from sad_pipe.storage.codecs import id_dtype
 from sad_pipe.storage.fs import CacheFS
 from sad_pipe.storage.manifest import Plan, check_identity, read_plan
 from sad_pipe.storage.verify import holds_only_unplanned_leftovers
-from sad_pipe.storage.writer import TokenWriter, create_plan
+from sad_pipe.storage.writer import TokenWriter, create_plan, hash_tree, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -137,11 +139,22 @@ def open_cache(cfg: Config, identity: dict) -> tuple[CacheFS, Plan | None]:
         raise ConfigError(f"cache.path {cfg.cache.path}: is a file, expected a directory")
     plan = read_plan(cache)
     if plan is not None:
+        check_same_teacher(plan.identity, identity, cfg.cache.path)
         check_identity(plan.identity, identity, cfg.cache.path)
     elif not holds_only_unplanned_leftovers(cache):  # a run killed before plan.json leaves only those
         raise ConfigError(f"cache.path {cfg.cache.path}: directory is not empty and holds no sad-pipe cache; "
                           "choose a new or empty directory")
     return cache, plan
+
+
+def check_same_teacher(existing: dict, wanted: dict, where: str) -> None:
+    """A cache is *of* its teacher: refuse, naming the file, a teacher whose weights, config or tokenizer
+    files changed since the cache was started (retrained, re-downloaded, another checkpoint copied over)."""
+    old, new = (existing.get("teacher") or {}), (wanted.get("teacher") or {})
+    change = describe_change(old.get("fingerprint") or {}, new.get("fingerprint") or {}) if old and new else None
+    if change:
+        raise IdentityMismatch(f"{where} was built from another teacher than {new['model']!r} is now: {change}; "
+                               "use another cache path, or delete that cache to rebuild it")
 
 
 def create(cfg: Config, cache: CacheFS, tokenizer, identity: dict, batches=None) -> Plan:
@@ -152,6 +165,11 @@ def create(cfg: Config, cache: CacheFS, tokenizer, identity: dict, batches=None)
     try:
         plan = _pack(cfg, cache, tokenizer, identity, batches)
         _save_tokenizer(cache, tokenizer)  # always: files a killed earlier attempt left may be partial or another's
+        # The resolved config that built the cache (verify --repair reruns it); with the tokenizer, hashed
+        # into the plan so that a change to either is caught like damage to a shard.
+        cache.write_atomic("config.json", (json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
+        plan.files = {"config.json": {"size": cache.size("config.json"), "sha256": sha256_file(cache, "config.json")},
+                      **{f"tokenizer/{name}": info for name, info in hash_tree(cache, "tokenizer").items()}}
         return create_plan(cache, plan)
     except BaseException:
         if created_root and cache.is_local and not cache.exists("plan.json"):

@@ -15,7 +15,6 @@ shards whose id is its rank modulo the world size.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 
@@ -74,8 +73,6 @@ def run(cfg: Config, *, dry_run: bool = False) -> dict:
             plan = create(cfg, cache, tokenizer, identity, batches)
             if batches is not None:
                 cache.remove(TOKENIZED)
-        if not cache.exists("config.json"):  # verify --repair reruns it; a kill may come right after plan.json
-            cache.write_atomic("config.json", (json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
     distributed.barrier()
     plan = read_plan(cache)
     missing = missing_shards(plan, read_commits(cache))

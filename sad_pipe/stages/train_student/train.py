@@ -34,12 +34,15 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 from torch.utils.data import DataLoader
 
-from sad_pipe.errors import ConfigError, ModelError, TrainingError
+from sad_pipe.errors import CacheError, ConfigError, ModelError, TrainingError
 from sad_pipe.pipeline import distributed
 from sad_pipe.pipeline.config import COMPONENTS, Config
+from sad_pipe.pipeline.fingerprint import describe_change
 from sad_pipe.pipeline.models import (
     build_student,
     check_same_vocabulary,
+    config_hash,
+    content_fingerprint,
     generation_config_for,
     hidden_size_of,
     load_causal_lm,
@@ -65,6 +68,7 @@ from sad_pipe.stages.train_student.router import LayerRouter
 from sad_pipe.storage.codecs import decode_hidden, decode_topk
 from sad_pipe.storage.manifest import cache_id, hidden_name
 from sad_pipe.storage.reader import CacheDataset, CacheReader, FieldSchedule
+from sad_pipe.storage.verify import check_plan_files
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +153,8 @@ class TrainPlan:
     arrays_read: dict[str, list[list[int]]]
     teacher_eval_ce: float | None
     teacher_eval_perplexity: float | None
+    seed: int
+    student_init: dict  # what the student started from: a pretrained student's content fingerprint, or its config
 
     def lines(self) -> list[str]:
         out = [
@@ -369,6 +375,9 @@ def setup(cfg: Config) -> Setup:
     if os.path.isfile(cfg.train.output):  # refused before any work, like cache.path
         raise ConfigError(f"train.output {cfg.train.output}: is a file, expected a directory")
     reader = CacheReader(cfg.cache.path)
+    damaged = check_plan_files(reader.cache, reader.plan)  # the tokenizer and config.json: small, checked whole
+    if damaged:
+        raise CacheError(f"{cfg.cache.path}: {damaged[0]}; run sad-pipe verify --full {cfg.cache.path}")
     with reader.cache.local_dir("tokenizer") as tokenizer_dir:  # a temp copy if the cache is on an object store
         tokenizer = load_tokenizer(tokenizer_dir)
     if tokenizer_fingerprint(tokenizer) != reader.identity["tokenizer"]["sha256"]:
@@ -426,6 +435,7 @@ def setup(cfg: Config) -> Setup:
         student_layers=student_layers, teacher_layers=reader.layers, phases=phase_table(cfg.curriculum, total),
         arrays_read=arrays_read, teacher_eval_ce=teacher_ce,
         teacher_eval_perplexity=math.exp(teacher_ce) if teacher_ce is not None else None,
+        seed=cfg.train.seed, student_init=_student_init(cfg, student),
     )
     t_index = reader.temperatures.index(cfg.loss.temperature) if cfg.loss.temperature in reader.temperatures else None
     return Setup(cfg, reader, tokenizer, model, core, teacher, device, autocast_dtype, scaler, optimizer, scheduler,
@@ -579,7 +589,13 @@ def load_checkpoint(s: Setup, path: Path) -> dict:
 # Changing these between a run and its resume would silently train something else (the restored
 # scheduler, for one, keeps the old learning rate), or fail deep inside loading the checkpoint.
 RESUME_KEYS = ("cache_id", "global_batch", "gradient_accumulation_steps", "total_steps", "learning_rate", "lr_schedule",
-               "warmup_steps", "kd_form", "temperature", "kd_top_k", "student_parameters", "student_layers")
+               "warmup_steps", "kd_form", "temperature", "kd_top_k", "student_parameters", "student_layers", "seed")
+
+
+def _student_init(cfg: Config, student: nn.Module) -> dict:
+    if cfg.student.model is not None:
+        return {"model": cfg.student.model, **content_fingerprint(cfg.student.model, cfg.student.revision)}
+    return {"config_sha256": config_hash(student.config)}
 
 
 def _check_resume(run_dir: Path, plan: TrainPlan) -> None:
@@ -587,6 +603,12 @@ def _check_resume(run_dir: Path, plan: TrainPlan) -> None:
     if not saved_path.exists():
         return
     saved = json.loads(saved_path.read_text())
+    before = saved.get("student_init")
+    change = describe_change(before, plan.student_init) if before and "files" in before else (
+        "its config changed" if before is not None and before != plan.student_init else None)
+    if change:
+        raise ConfigError(f"cannot resume the run in {run_dir}: the student it started from is not the one now "
+                          f"({change}) (use a new train.output, or train.resume false with an empty directory)")
     changed = [f"{k} was {saved.get(k)!r}, now {getattr(plan, k)!r}" for k in RESUME_KEYS if saved.get(k) != getattr(plan, k)]
     if changed:
         raise ConfigError(f"cannot resume the run in {run_dir}: " + "; ".join(changed) +
