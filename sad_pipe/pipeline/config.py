@@ -76,8 +76,16 @@ class DataConfig(Section):
 class CacheConfig(Section):
     path: str | None = None
     """Cache directory (stage one writes it, stage two reads it)."""
+    targets: list[Literal["topk", "sampled", "hybrid"]] = ["topk"]
+    """Teacher target forms cached in one pass: topk (the exact top_k logits); sampled (`samples` draws from the teacher's full distribution at sample_temperature, ids with counts: an unbiased estimate of full KD); hybrid (the exact top_k head plus `samples` draws from the rest, weighted by its exact mass: unbiased, far less variance). hybrid also stores the top-k."""  # noqa: E501
     top_k: int = Field(256, gt=0)
-    """Teacher logits kept per token."""
+    """Teacher logits kept per token (the exact head for topk and hybrid)."""
+    samples: int = Field(32, gt=0, le=255)
+    """Draws per position for sampled and hybrid targets (counts are stored as uint8)."""
+    sample_temperature: float = Field(1.0, gt=0)
+    """Temperature of the teacher distribution sampled from; must be one of `temperatures` (hybrid weights the draws by the tail mass there)."""  # noqa: E501
+    sample_seed: int = 0
+    """Seeds the draws; each sequence's draws depend only on (seed, split, sequence), so a cache is the same for any batch size or number of ranks."""  # noqa: E501
     temperatures: list[float] = [1.0, 2.0]
     """Temperatures at which the full-vocabulary logsumexp is stored (the tail mass is exact only at these)."""
     values: Literal["uint8", "fp16", "bf16"] = "uint8"
@@ -102,6 +110,11 @@ class CacheConfig(Section):
             )
         if not self.temperatures or any(t <= 0 for t in self.temperatures):
             raise ValueError(f"temperatures must be a non-empty list of positive numbers, found {self.temperatures}")
+        if not self.targets or len(set(self.targets)) != len(self.targets):
+            raise ValueError(f"targets must name each of topk, sampled, hybrid at most once, found {self.targets}")
+        if {"sampled", "hybrid"} & set(self.targets) and self.sample_temperature not in self.temperatures:
+            raise ValueError(f"sample_temperature {self.sample_temperature:g} must be one of temperatures "
+                             f"{self.temperatures} (the logsumexp there weights the draws)")
         return self
 
 
@@ -174,8 +187,8 @@ class TrainConfig(Section):
 
 
 class LossConfig(Section):
-    kd_form: Literal["tail", "subset", "full"] = "tail"
-    """tail: top-k plus one bucket for the rest (exact teacher tail mass from the cached lse); subset: top-k renormalised (the original trainer's); full: full-vocabulary KL against a teacher resident in memory (the baseline the cache replaces)."""  # noqa: E501
+    kd_form: Literal["tail", "subset", "sampled", "hybrid", "full"] = "tail"
+    """tail: top-k plus one bucket for the rest (exact teacher tail mass from the cached lse); subset: top-k renormalised (the original trainer's); sampled: the cached draws from the teacher's distribution (cache.targets sampled); hybrid: the exact top-k plus the cached draws from the rest (cache.targets hybrid); full: full-vocabulary KL against a teacher resident in memory (the baseline the cache replaces)."""  # noqa: E501
     temperature: float = Field(1.0, gt=0)
     """KD temperature; the loss is T^2 * KL. tail needs the lse at T in the cache."""
     kd_top_k: int | None = Field(None, gt=0)

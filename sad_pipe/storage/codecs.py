@@ -6,8 +6,10 @@ with a shuffle chosen per array (numcodecs filters inside zarr 3 are outside the
 Delta filter there measured 1.6x slower to read than doing the same in torch before writing).
 
 Top-k of one token (k entries), `values="uint8"` (the default):
-    topk_ids    k x uint16 (uint32 when vocab > 65536), sorted ascending: sorted ids compress
-                ~3x better than rank order, and rank order is recoverable from the values.
+    topk_ids    k x uint16 (uint32 when vocab > 65536): the ids sorted ascending, stored as their gaps
+                (the first id, then each id minus the one before). A sorted set of k ids out of V carries
+                about log2(V/k) + 1.44 bits per id; its gaps are small numbers the compressor can bring
+                close to that, where absolute ids cost their full width (measured in `make bench`).
     topk_values k x uint8, q = round((max - logit) / step), same order as the ids.
     topk_max    float32, the largest logit (exact).
     topk_step   float16, step = max(min_step, span / 255), span = max - min of the k logits;
@@ -15,6 +17,12 @@ Top-k of one token (k entries), `values="uint8"` (the default):
   decoded logit = max - q * step; error <= step / 2 (1/32 nat at the default min_step 1/16,
   KL at T=2 ~ step^2 / (24 T^2) ~ 4e-5).
 `values="fp16"` / `"bf16"`: topk_values holds (max - logit) as fp16 / bf16 bits (uint16); no step.
+
+Sampled targets of one token (N draws, `<name>` = `sample` for draws from the whole distribution,
+`tail` for draws from outside the top-k):
+    <name>_ids     N x uint16/uint32: the distinct ids drawn, ascending, as gaps like topk_ids; the
+                   slots past the distinct ones repeat the last id (gap 0)
+    <name>_counts  N x uint8: how often each was drawn (0 in the unused slots; they sum to N)
 """
 
 from __future__ import annotations
@@ -79,7 +87,7 @@ def encode_topk(logits: torch.Tensor, ids: torch.Tensor, scheme: TopKScheme, *, 
         vals = logits.float().gather(-1, order)
     vmax = vals.max(dim=-1).values
     gap = vmax.unsqueeze(-1) - vals  # >= 0
-    out = {"topk_ids": ids_sorted.to(_TORCH_OF[scheme.id_dtype]), "topk_max": vmax}
+    out = {"topk_ids": id_gaps(ids_sorted).to(_TORCH_OF[scheme.id_dtype]), "topk_max": vmax}
     if scheme.values == "uint8":
         span = gap.max(dim=-1).values
         # Round the step to its stored fp16 value *before* quantising, so decode uses the same step.
@@ -107,11 +115,39 @@ def decode_topk(arrays: dict[str, torch.Tensor], scheme: TopKScheme, k: int | No
     else:
         gap = values.view(torch.bfloat16).float()
     logits = vmax - gap
-    ids = arrays["topk_ids"].to(torch.int64)
+    ids = ids_from_gaps(arrays["topk_ids"])
     if k is not None and k < scheme.k:
         logits, pick = logits.topk(k, dim=-1)
         ids = ids.gather(-1, pick)
     return TopKLogits(ids=ids, logits=logits)
+
+
+def id_gaps(ids: torch.Tensor) -> torch.Tensor:
+    """Ascending ids [..., k] (int64) -> the first id, then the differences (all >= 0)."""
+    return torch.diff(ids, dim=-1, prepend=torch.zeros_like(ids[..., :1]))
+
+
+def ids_from_gaps(gaps: torch.Tensor) -> torch.Tensor:
+    """Inverse of id_gaps, as int64 (uint16/uint32 bits read as what they are)."""
+    return gaps.to(torch.int64).cumsum(-1)
+
+
+def encode_samples(draws: torch.Tensor, name: str, scheme: TopKScheme) -> dict[str, torch.Tensor]:
+    """Draws [n, N] (int64, ascending per row) -> {<name>_ids, <name>_counts}: the distinct ids with how
+    often each was drawn, in N slots (the unused ones repeat the last id with count 0)."""
+    n, width = draws.shape
+    new = torch.ones_like(draws, dtype=torch.bool)
+    new[:, 1:] = draws[:, 1:] != draws[:, :-1]
+    slot = new.cumsum(-1) - 1  # the distinct id each draw belongs to
+    ids = draws[:, -1:].expand(n, width).clone()  # unused slots repeat the last (largest) id: gap 0
+    ids.scatter_(1, slot, draws)
+    counts = torch.zeros(n, width, dtype=torch.int64, device=draws.device).scatter_add_(1, slot, torch.ones_like(draws))
+    return {f"{name}_ids": id_gaps(ids).to(_TORCH_OF[scheme.id_dtype]), f"{name}_counts": counts.to(torch.uint8)}
+
+
+def decode_samples(arrays: dict[str, torch.Tensor], name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """{<name>_ids, <name>_counts} -> (ids int64 [..., N], counts float32 [..., N]; 0 in unused slots)."""
+    return ids_from_gaps(arrays[f"{name}_ids"]), arrays[f"{name}_counts"].float()
 
 
 # -- hidden states -------------------------------------------------------------------------------
@@ -152,9 +188,14 @@ def torch_view(a: np.ndarray) -> torch.Tensor:
 # sorted ids and floats, bit-shuffle for the uint8 gaps; lz4 for hidden states, whose mantissa bits
 # barely compress and where zstd costs ~10x the encode time for a few percent.
 
+# Id gaps (sorted random sets of 256 ids, zstd 3): byte-shuffle 177 vs bit-shuffle 189 B/token at V=4096
+# (uint16), 379 vs 360 at V=151,936 (uint32); absolute ids took 281 and 515. Counts are small integers.
+
 def compressor_for(name: str, dtype: np.dtype) -> dict:
     if name.startswith("hidden"):
         return {"cname": "lz4", "clevel": 5, "shuffle": "shuffle"}
-    if name == "topk_values" and dtype == np.uint8:
+    if (name == "topk_values" and dtype == np.uint8) or name.endswith("_counts"):
+        return {"cname": "zstd", "clevel": 3, "shuffle": "bitshuffle"}
+    if name.endswith("_ids") and np.dtype(dtype).itemsize == 4:
         return {"cname": "zstd", "clevel": 3, "shuffle": "bitshuffle"}
     return {"cname": "zstd", "clevel": 3, "shuffle": "shuffle"}

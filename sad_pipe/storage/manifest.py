@@ -55,13 +55,17 @@ def shard_arrays(identity: dict) -> list[ArraySpec]:
     if identity["teacher"] is None:
         return []
     scheme = TopKScheme(k=identity["top_k"], vocab_size=identity["teacher"]["vocab_size"], values=identity["values"])
-    specs = [
-        ArraySpec("topk_ids", scheme.id_dtype.name, (scheme.k,)),
-        ArraySpec("topk_values", scheme.value_dtype.name, (scheme.k,)),
-        ArraySpec("topk_max", "float32"),
-    ]
-    if scheme.values == "uint8":
-        specs.append(ArraySpec("topk_step", "float16"))
+    forms = target_forms(identity)
+    specs = []
+    if {"topk", "hybrid"} & forms:
+        specs += [ArraySpec("topk_ids", scheme.id_dtype.name, (scheme.k,)),
+                  ArraySpec("topk_values", scheme.value_dtype.name, (scheme.k,)), ArraySpec("topk_max", "float32")]
+        if scheme.values == "uint8":
+            specs.append(ArraySpec("topk_step", "float16"))
+    for form, name in (("sampled", "sample"), ("hybrid", "tail")):
+        if form in forms:
+            n = identity["targets"]["samples"]
+            specs += [ArraySpec(f"{name}_ids", scheme.id_dtype.name, (n,)), ArraySpec(f"{name}_counts", "uint8", (n,))]
     specs.append(ArraySpec("lse", "float32", (len(identity["temperatures"]),)))
     if identity["store_target_logprob"]:
         specs.append(ArraySpec("target_logprob", "float32"))
@@ -71,6 +75,11 @@ def shard_arrays(identity: dict) -> list[ArraySpec]:
         if identity["hidden_dtype"] == "int8":
             specs.append(ArraySpec(hidden_name(layer) + "_scale", "float32"))
     return specs
+
+
+def target_forms(identity: dict) -> set[str]:
+    """The teacher target forms a cache holds: topk, sampled, hybrid (see codecs.py)."""
+    return set(identity["targets"]["forms"]) if identity.get("targets") else {"topk"}
 
 
 def topk_scheme(identity: dict) -> TopKScheme | None:

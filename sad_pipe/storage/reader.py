@@ -4,6 +4,8 @@ Readers only see committed data: a cache opens through its manifest, which exist
 shard is committed. Reads ask for *field groups*, so a KD-only phase never touches hidden states:
     input_ids       the packed tokens, their position_ids and loss_mask (always available)
     topk            topk_ids, topk_values, topk_max (+ topk_step)
+    samples         sample_ids, sample_counts: draws from the teacher's distribution (targets sampled)
+    tail_samples    tail_ids, tail_counts: draws from outside the top-k (targets hybrid)
     lse             logsumexp of the full-vocabulary logits / T, one per cached T
     target_logprob  teacher log-prob of the true next token
     hidden          every cached hidden_<layer> (+ _scale)
@@ -26,7 +28,7 @@ from sad_pipe.errors import CacheError
 from sad_pipe.storage.fs import CacheFS
 from sad_pipe.storage.manifest import Plan, read_manifest, topk_scheme
 
-FIELD_GROUPS = ("input_ids", "topk", "lse", "target_logprob", "hidden")
+FIELD_GROUPS = ("input_ids", "topk", "samples", "tail_samples", "lse", "target_logprob", "hidden")
 TOKEN_ARRAYS = ("input_ids", "position_ids", "loss_mask")  # the "input_ids" group
 
 
@@ -83,6 +85,9 @@ class CacheReader:
                 continue
             if g == "topk":
                 wanted = [n for n in ("topk_ids", "topk_values", "topk_max", "topk_step") if n in self.specs]
+            elif g in ("samples", "tail_samples"):
+                prefix = "sample" if g == "samples" else "tail"
+                wanted = [f"{prefix}_ids", f"{prefix}_counts"]
             elif g == "hidden":
                 wanted = [n for n in self.specs if n.startswith("hidden_")]
             elif g in ("lse", "target_logprob"):

@@ -149,10 +149,16 @@ _EXPONENT_BITS = {"fp16": 0x7C00, "bf16": 0x7F80}
 
 
 def _value_problem(spec: ArraySpec, data: np.ndarray, vocab: int, values: str) -> str | None:
-    if spec.name == "topk_ids":
-        top = int(data.max(initial=0))
+    if spec.name.endswith("_ids"):  # gaps of ascending ids (codecs.py)
+        ids = data.astype(np.int64).cumsum(-1)
+        top = int(ids.max(initial=0))
         if top >= vocab:
             return f"index {top} >= vocab size {vocab}"
+        return None
+    if spec.name.endswith("_counts"):  # N draws per trained position, none at the others
+        sums = data.astype(np.int64).sum(-1)
+        if not np.isin(sums, (0, spec.per_token[0])).all():
+            return f"draw counts summing to {int(sums[~np.isin(sums, (0, spec.per_token[0]))][0])}, not {spec.per_token[0]}"
         return None
     if spec.name == "topk_values" and values in _EXPONENT_BITS:  # (max - logit) as fp16/bf16 bits
         exponent = _EXPONENT_BITS[values]

@@ -236,6 +236,7 @@ SCENARIOS = {
     "student-layers": lambda c: student(c, loss={"student_layers": [1, 5]}),
     "temperature-not-cached": lambda c: student(c, loss={"temperature": 3.0}),
     "kd-top-k": lambda c: student(c, loss={"kd_top_k": 32}),
+    "kd-form-not-cached": lambda c: student(c, loss={"kd_form": "hybrid"}),
     "batch-too-big": lambda c: student(c, train={"batch_size": 1000}),
     "fp16-on-cpu": lambda c: student(c, train={"precision": "fp16", "device": "cpu"}),
     "cache-missing": lambda c: student(c, cache=str(c.tmp / "nowhere")),

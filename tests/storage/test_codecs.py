@@ -48,14 +48,14 @@ def top_k(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, np.
 # -- top-k ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("vocab, id_dtype", [(512, np.uint16), (65536, np.uint16), (65537, np.uint32)])
-def test_ids_are_sorted_ascending_exact_and_as_narrow_as_the_vocab_allows(vocab, id_dtype):
+def test_ids_are_stored_ascending_as_gaps_exact_and_as_narrow_as_the_vocab_allows(vocab, id_dtype):
     g = torch.Generator().manual_seed(1)
     ids = torch.stack([torch.randperm(vocab, generator=g)[:16] for _ in range(32)])
     ids[0, 0] = vocab - 1  # the largest id must survive the narrow dtype
     logits = torch.randn(32, 16, generator=g)
     stored = encode_topk(logits, ids, TopKScheme(k=16, vocab_size=vocab))
     assert stored["topk_ids"].numpy().dtype == id_dtype
-    np.testing.assert_array_equal(stored["topk_ids"].numpy(), np.sort(ids.numpy(), axis=-1))
+    np.testing.assert_array_equal(stored["topk_ids"].numpy().astype(np.int64).cumsum(-1), np.sort(ids.numpy(), axis=-1))
     decoded = decode_topk(stored, TopKScheme(k=16, vocab_size=vocab))
     assert decoded.ids.dtype == torch.int64
     np.testing.assert_array_equal(decoded.ids.numpy(), np.sort(ids.numpy(), axis=-1))
@@ -200,3 +200,25 @@ def test_hidden_int8_within_half_a_step_of_the_per_token_scale():
     bound = stored["scale"].numpy()[:, None] / 2 * (1 + 1e-5)
     assert (np.abs(decoded - h.numpy()) <= bound).all()
     assert (decoded[1] == 0).all()
+
+
+def test_sorted_ids_are_stored_as_gaps_and_decode_exactly():
+    from sad_pipe.storage.codecs import id_gaps, ids_from_gaps
+
+    torch.manual_seed(0)
+    ids = torch.stack([torch.randperm(151_936)[:256].sort().values for _ in range(5)])
+    gaps = id_gaps(ids)
+    assert (gaps >= 0).all() and gaps[:, 0].equal(ids[:, 0]) and int(gaps[:, 1:].max()) < 151_936
+    assert torch.equal(ids_from_gaps(gaps.to(torch.uint32)), ids)
+
+
+def test_draws_become_distinct_ids_with_counts():
+    from sad_pipe.storage.codecs import decode_samples, encode_samples
+
+    draws = torch.tensor([[3, 3, 5, 9, 9, 9, 7000, 7001], [1] * 8, [0, 1, 2, 3, 4, 5, 6, 7]])
+    got = encode_samples(draws, "sample", TopKScheme(k=8, vocab_size=8192))
+    assert got["sample_ids"].dtype == torch.uint16 and got["sample_counts"].dtype == torch.uint8
+    ids, counts = decode_samples(got, "sample")
+    assert ids[0].tolist() == [3, 5, 9, 7000, 7001, 7001, 7001, 7001] and counts[0].tolist() == [2, 1, 3, 1, 1, 0, 0, 0]
+    assert ids[1].tolist() == [1] * 8 and counts[1].tolist() == [8, 0, 0, 0, 0, 0, 0, 0]
+    assert counts[2].tolist() == [1] * 8 and (counts.sum(-1) == 8).all()

@@ -33,7 +33,7 @@ def dry_run(cfg: Config, tokenizer, teacher, device, identity: dict) -> dict:
         runner = make_runner(cfg, teacher, device, identity)
         batch = [torch.from_numpy(np.stack([getattr(q, name) for q in sample]).astype(np.int64)).to(device)
                  for name in ("input_ids", "position_ids", "loss_mask")]
-        arrays, _ = runner(*batch)
+        arrays, _ = runner(*batch, split="train", sequences=list(range(len(sample))))
         host = {k: v.cpu().numpy() for k, v in arrays.items()}
         specs = Plan(identity=identity, splits={}).arrays
         per_token.update(compressed_bytes_per_token(host, specs, identity["sequences_per_chunk"]))

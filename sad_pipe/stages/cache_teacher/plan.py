@@ -103,6 +103,9 @@ def cache_identity(cfg: Config, tokenizer, teacher, tokenizer_name: str) -> dict
         "packing": {"max_length": cfg.data.max_length, "attention": cfg.data.packing, "format": cfg.data.format,
                     "loss_mask": loss_mask_mode(cfg), "adds_bos": adds_bos(tokenizer), "separator": "eos"},
         "top_k": c.top_k if teacher is not None else 0,
+        "targets": None if teacher is None else {
+            "forms": list(c.targets), **({"samples": c.samples, "temperature": c.sample_temperature, "seed": c.sample_seed}
+                                         if {"sampled", "hybrid"} & set(c.targets) else {})},
         "temperatures": list(c.temperatures) if teacher is not None else [],
         "layers": list(t.layers) if teacher is not None else [],
         "values": c.values, "hidden_dtype": c.hidden_dtype,

@@ -5,13 +5,14 @@ Only these cross to the host: top-k, lse and the selected layers, never [B, T, V
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+from dataclasses import dataclass, field
 
 import torch
 
 from sad_pipe.pipeline.config import Config
-from sad_pipe.stages.cache_teacher.vocab import chunk_rows, logsumexp, top_k
-from sad_pipe.storage.codecs import TopKScheme, encode_hidden, encode_topk
+from sad_pipe.stages.cache_teacher.vocab import chunk_rows, draw, logsumexp, top_k
+from sad_pipe.storage.codecs import TopKScheme, encode_hidden, encode_samples, encode_topk
 from sad_pipe.storage.manifest import hidden_name, topk_scheme
 
 
@@ -54,6 +55,13 @@ def attends_within_documents(model, vocab: int) -> bool:
     return bool(apart < 0.05 * crossed)
 
 
+def sample_generator(seed: int, split: str, sequence: int, form: str) -> torch.Generator:
+    """The CPU generator of one sequence's draws for one form: a function of (seed, split, sequence, form)
+    only, so a shard's content never depends on the batch size, the number of ranks or the device."""
+    key = hashlib.blake2b(f"{seed}/{split}/{sequence}/{form}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(key, "little") & (2**63 - 1))
+
+
 @dataclass
 class TeacherRunner:
     model: torch.nn.Module
@@ -64,11 +72,14 @@ class TeacherRunner:
     hidden_dtype: str
     store_target_logprob: bool
     tokens: int  # len(tokenizer): logits of the rows past it (a padded embedding table) are never a token
+    targets: dict = field(default_factory=lambda: {"forms": ["topk"]})  # the identity's "targets"
 
     def __post_init__(self):
         self.head = self.model.get_output_embeddings()
         self.vocab = int(self.head.weight.shape[0])
         self.plain_head = has_plain_head(self.model, self.vocab)
+        self.forms = set(self.targets["forms"])
+        self.draws = {form: name for form, name in (("sampled", "sample"), ("hybrid", "tail")) if form in self.forms}
         # logsumexp at T = 1 gives the target log-prob; computed even when not a cached temperature.
         self.lse_temperatures = self.temperatures + ([] if 1.0 in self.temperatures else [1.0])
         self.chunk = chunk_rows(self.device, self.vocab)
@@ -80,11 +91,13 @@ class TeacherRunner:
                              if self.plain_head and plain_linear else None)
 
     @torch.inference_mode()
-    def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, loss_mask: torch.Tensor
+    def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, loss_mask: torch.Tensor,
+                 split: str = "train", sequences: list[int] | None = None
                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """input_ids, position_ids, loss_mask [B, T] on the device -> (stored arrays [B, T, ...], per-batch
-        stats), all on the device. Positions outside loss_mask (never trained: a prompt, a document's last
-        token facing the next document) hold zeros in every logit array, which compress to almost nothing."""
+        """input_ids, position_ids, loss_mask [B, T] on the device (and, for sampled targets, the split and the
+        sequence numbers, which seed the draws) -> (stored arrays [B, T, ...], per-batch stats), all on the
+        device. Positions outside loss_mask (never trained: a prompt, a document's last token facing the next
+        document) hold zeros in every logit array, which compress to almost nothing."""
         b, t = input_ids.shape
         # position_ids restarting per document make transformers mask attention per document (its packed-
         # sequence path); running 0..T-1 (packing stream) they are the default. transformers 5 records hidden
@@ -93,19 +106,25 @@ class TeacherRunner:
         model = self.model.base_model if self.plain_head else self.model
         out = model(input_ids=input_ids, position_ids=position_ids, use_cache=False, output_hidden_states=hidden)
         rows = (out.last_hidden_state if self.plain_head else out.logits).reshape(b * t, -1)
+        uniforms = {form: self._uniforms(split, sequences, t, form) for form in self.draws}
         # The teacher's prediction at position i is scored against token i + 1; the last position
         # of a sequence has no next token in it, so its target log-prob is 0 and it is left out of stats.
         next_ids = torch.cat([input_ids[:, 1:], input_ids[:, :1]], dim=1).reshape(-1)
         trained = loss_mask.reshape(-1).bool()
         has_next = (torch.arange(t, device=self.device) < t - 1).repeat(b) & trained
-        parts = [self._vocab_pass(rows[s:s + self.chunk], next_ids[s:s + self.chunk]) for s in range(0, b * t, self.chunk)]
-        vals, ids, lse, target = (torch.cat(p) for p in zip(*parts))
-        target = torch.where(has_next, target, torch.zeros((), device=self.device))
+        parts = [self._vocab_pass(rows[s:s + self.chunk], next_ids[s:s + self.chunk],
+                                  {f: u[s:s + self.chunk] for f, u in uniforms.items()}) for s in range(0, b * t, self.chunk)]
+        got = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        vals, ids, lse = got["values"], got["ids"], got["lse"]
+        target = torch.where(has_next, got["target"], torch.zeros((), device=self.device))
         n_cached = len(self.temperatures)
         bad = ~(torch.isfinite(vals).all(-1) & torch.isfinite(lse).all(-1))
 
-        logit_arrays = dict(encode_topk(vals, ids, self.scheme, ids_ascending=True))
-        logit_arrays["lse"] = lse[:, :n_cached]
+        logit_arrays = {"lse": lse[:, :n_cached]}
+        if {"topk", "hybrid"} & self.forms:
+            logit_arrays.update(encode_topk(vals, ids, self.scheme, ids_ascending=True))
+        for name in self.draws.values():
+            logit_arrays.update(encode_samples(got[name], name, self.scheme))
         if self.store_target_logprob:
             logit_arrays["target_logprob"] = target
         arrays = {k: _zero_where_not(v, trained).reshape(b, t, *v.shape[1:]) for k, v in logit_arrays.items()}
@@ -121,10 +140,23 @@ class TeacherRunner:
         stats = {"bad_rows": bad.reshape(b, t).any(-1), "topk_mass": (mass * trained.unsqueeze(-1)).sum(0),
                  "positions": trained.sum(), "target_nll": (-target * has_next).sum(),
                  "target_top1": (top1 & has_next).sum(), "target_count": has_next.sum()}
+        for name in self.draws.values():  # distinct ids per position: what the draws cost
+            stats[f"{name}_distinct"] = ((arrays[f"{name}_counts"] > 0).sum(-1) * loss_mask).sum()
         return arrays, stats
 
-    def _vocab_pass(self, rows: torch.Tensor, next_ids: torch.Tensor):
-        """One chunk of positions: (top-k values, top-k ids, lse per T, log-prob of the next token)."""
+    def _uniforms(self, split: str, sequences: list[int] | None, t: int, form: str) -> torch.Tensor:
+        """[B*T, N] uniforms in [0, 1), ascending per position (so the draws come out sorted), from each
+        sequence's own CPU generator."""
+        if sequences is None:
+            raise ValueError("sampled targets need the split and sequence numbers of the batch")
+        n = self.targets["samples"]
+        u = torch.cat([torch.rand(t, n, generator=sample_generator(self.targets["seed"], split, seq, form))
+                       for seq in sequences])
+        return u.sort(-1).values.to(self.device)
+
+    def _vocab_pass(self, rows: torch.Tensor, next_ids: torch.Tensor, uniforms: dict[str, torch.Tensor]) -> dict:
+        """One chunk of positions: top-k values and ids, lse per T, log-prob of the next token, and the
+        draws of each sampled form."""
         if self.logit_buffer is not None:  # what the Linear head computes, into the reused buffer
             f = torch.mm(rows, self.head.weight.t(), out=self.logit_buffer[:len(rows)]).float()
         else:
@@ -132,17 +164,23 @@ class TeacherRunner:
         if self.tokens < self.vocab:
             f[:, self.tokens:] = -torch.inf
         vals, ids = top_k(f, self.scheme.k)
-        lse = logsumexp(f, vals.amax(-1), self.lse_temperatures, self.work[:len(rows)])
+        fmax = vals.amax(-1)
+        work = self.work[:len(rows)]
+        lse = logsumexp(f, fmax, self.lse_temperatures, work)
         lse1 = lse[:, self.lse_temperatures.index(1.0)]
-        return vals, ids, lse, f.gather(-1, next_ids.unsqueeze(-1)).squeeze(-1) - lse1
-
+        out = {"values": vals, "ids": ids, "lse": lse, "target": f.gather(-1, next_ids.unsqueeze(-1)).squeeze(-1) - lse1}
+        for form, name in self.draws.items():
+            out[name] = draw(f, fmax, self.targets["temperature"], uniforms[form], work,
+                             exclude=ids if form == "hybrid" else None)
+        return out
 
 def make_runner(cfg: Config, teacher, device: torch.device, identity: dict) -> TeacherRunner | None:
     """The runner stage one (and its dry run) uses for this config; None for a tokens-only cache."""
     if teacher is None:
         return None
     return TeacherRunner(teacher, device, topk_scheme(identity), list(cfg.cache.temperatures), list(cfg.teacher.layers),
-                         cfg.cache.hidden_dtype, cfg.cache.store_target_logprob, identity["tokenizer"]["size"])
+                         cfg.cache.hidden_dtype, cfg.cache.store_target_logprob, identity["tokenizer"]["size"],
+                         identity["targets"])
 
 
 def _zero_where_not(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

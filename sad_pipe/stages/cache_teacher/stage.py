@@ -125,7 +125,7 @@ def _fill(cfg: Config, cache: CacheFS, plan: Plan, runner: TeacherRunner, todo: 
                 batch = [torch.from_numpy(rows[name][s:s + cfg.teacher.batch_size]).to(runner.device, non_blocking=True)
                          for name in ("input_ids", "position_ids", "loss_mask")]
                 t0 = time.perf_counter()
-                arrays, stats = runner(*batch)
+                arrays, stats = runner(*batch, split=split, sequences=list(range(a + s, a + s + len(batch[0]))))
                 forward_s += time.perf_counter() - t0
                 sink.submit(current, arrays, stats, np.arange(a + s, a + s + len(batch[0])))
                 done_tokens += len(batch[0]) * t_len

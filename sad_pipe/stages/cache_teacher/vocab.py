@@ -2,6 +2,7 @@
 
     top_k       the k largest logits per position, ids ascending (the order the codec stores)
     logsumexp   the full-vocabulary logsumexp at each cached temperature (makes the tail mass exact)
+    draw        ids drawn from the full distribution (or from outside the top-k), by inverse CDF
     chunk_rows  how many positions one pass takes at a time ([rows, V] buffers, reused)
 """
 
@@ -81,3 +82,21 @@ def logsumexp(f: torch.Tensor, fmax: torch.Tensor, temperatures: list[float], wo
         current = t
     scale = torch.tensor(temperatures, device=f.device)
     return torch.stack([sums[t] for t in temperatures], -1).log_() + fmax.unsqueeze(-1) / scale
+
+
+def draw(f: torch.Tensor, fmax: torch.Tensor, temperature: float, uniforms: torch.Tensor, work: torch.Tensor,
+         exclude: torch.Tensor | None = None) -> torch.Tensor:
+    """Ids [N, S] drawn from softmax(f / T) per row of f [N, V], one per uniform in uniforms [N, S] (ascending,
+    so the ids come out ascending); with `exclude` [N, k], from the distribution renormalised without those ids
+    (the tail of a hybrid target). Exact: the probabilities come from the full logits, as the logsumexp does.
+
+    Inverse CDF in one pass: work <- exp((f - max) / T), zeroed at the excluded ids, cumulated in place
+    (accumulated in float64 on a CPU), then each uniform scaled to the row's total is looked up; an id of
+    probability 0 (a padded row, an excluded id) is never the first whose cumulative sum exceeds it."""
+    torch.add((fmax / -temperature).unsqueeze(-1), f, alpha=1.0 / temperature, out=work).exp_()
+    if exclude is not None:
+        work.scatter_(1, exclude, 0.0)
+    cdf = work.cumsum_(1)
+    # u < 1, so u * total < total: the lookup stays inside the row (the clamp only guards rounding).
+    ids = torch.searchsorted(cdf, uniforms * cdf[:, -1:], right=True)
+    return ids.clamp_(max=f.shape[1] - 1)

@@ -27,14 +27,33 @@ def _mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class TeacherTargets:
-    """What the teacher says about N positions. Either the cached top-k (ids, logits, lse at the
-    training T) or, for online KD, the full logits."""
+    """What the teacher says about N positions: the cached top-k (ids, logits, lse at the training T), the
+    cached draws (ids and counts), or, for online KD, the full logits."""
 
     ids: torch.Tensor | None = None  # [N, k] int64; entries with valid=False are ignored
     logits: torch.Tensor | None = None  # [N, k] raw teacher logits (not divided by T)
-    lse: torch.Tensor | None = None  # [N] logsumexp(full teacher logits / T); needed by the tail form
+    lse: torch.Tensor | None = None  # [N] logsumexp(full teacher logits / T); needed by the tail and hybrid forms
     valid: torch.Tensor | None = None  # [N, k] bool; False for ids the student has no logit for
     full_logits: torch.Tensor | None = None  # [N, V] online teacher logits
+    draw_ids: torch.Tensor | None = None  # [N, S] int64: distinct ids drawn (sampled: from p_T; hybrid: outside the top-k)
+    draw_counts: torch.Tensor | None = None  # [N, S] float: how often (0: an unused slot, or an id the student lacks)
+
+    def rows(self, sl: slice) -> TeacherTargets:
+        return TeacherTargets(**{k: None if v is None else v[sl] for k, v in vars(self).items()})
+
+    def top1(self) -> torch.Tensor:
+        """The teacher's most likely id per position (for sampled targets: the most drawn one)."""
+        if self.full_logits is not None:
+            return self.full_logits.argmax(-1)
+        if self.ids is not None:
+            scores = self.logits.float() if self.valid is None else torch.where(self.valid, self.logits.float(), -torch.inf)
+            return self.ids.gather(-1, scores.argmax(-1, keepdim=True)).squeeze(-1)
+        return self.draw_ids.gather(-1, self.draw_counts.argmax(-1, keepdim=True)).squeeze(-1)
+
+
+def _kl_terms(p: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
+    """sum over the last axis of p * (log p - q_log), with 0 * anything = 0."""
+    return torch.where(p > 0, p * (torch.log(p.clamp_min(1e-45)) - q_log), 0.0).sum(-1)
 
 
 def kd_from_logits(student: torch.Tensor, teacher: TeacherTargets, form: str, temperature: float,
@@ -43,11 +62,18 @@ def kd_from_logits(student: torch.Tensor, teacher: TeacherTargets, form: str, te
     student_lse: logsumexp(student / T) [n] if the caller already has it (CE at T = 1 does).
 
     forms:
-      subset - both distributions renormalised over the teacher's top-k (the original trainer's);
-      tail   - top-k plus one bucket holding the rest: teacher tail mass from the cached lse,
-               student tail log-mass = logsumexp over its non-top-k logits minus its full lse
-               (never log(1 - sum p), which cancels catastrophically);
-      full   - the full vocabulary (online teacher).
+      subset  - both distributions renormalised over the teacher's top-k (the original trainer's);
+      tail    - top-k plus one bucket holding the rest: teacher tail mass from the cached lse,
+                student tail log-mass = logsumexp over its non-top-k logits minus its full lse
+                (never log(1 - sum p), which cancels catastrophically);
+      sampled - the empirical distribution of the cached draws, counts / N: an unbiased estimate of the
+                teacher's distribution, so the gradient is that of full KD in expectation (RS-KD);
+      hybrid  - the exact top-k, plus the draws from the rest weighted by the rest's exact mass
+                (1 - sum of the top-k, from the cached lse) times counts / N: unbiased, with the
+                variance of the sampled form only in the tail;
+      full    - the full vocabulary (online teacher).
+    The sampled and hybrid values are KL(target || student) of that empirical target: >= 0, and their
+    gradient with respect to the student is unbiased for full KD.
     Every [n, V] pass costs as much as the student's output layer, so each form makes only those it needs.
     """
     t = temperature
@@ -60,6 +86,10 @@ def kd_from_logits(student: torch.Tensor, teacher: TeacherTargets, form: str, te
         p_log = F.log_softmax(teacher.full_logits.float() / t, dim=-1)
         q_log = s - student_lse.unsqueeze(-1)
         return torch.where(p_log > -torch.inf, p_log.exp() * (p_log - q_log), 0.0).sum(-1) * t * t
+    if form == "sampled":
+        counts = teacher.draw_counts
+        q = counts / counts.sum(-1, keepdim=True).clamp_min(1)
+        return _kl_terms(q, s.gather(-1, teacher.draw_ids) - student_lse.unsqueeze(-1)) * t * t
     ids = teacher.ids
     valid = teacher.valid if teacher.valid is not None else torch.ones_like(ids, dtype=torch.bool)
     t_scaled = torch.where(valid, teacher.logits.float() / t, torch.full_like(teacher.logits, -torch.inf, dtype=torch.float32))
@@ -69,12 +99,16 @@ def kd_from_logits(student: torch.Tensor, teacher: TeacherTargets, form: str, te
         q_log = s_k - torch.logsumexp(torch.where(valid, s_k, -torch.inf), dim=-1, keepdim=True)
         terms = torch.where(valid, p_log.exp() * (p_log - q_log), 0.0)
         return terms.sum(-1) * t * t
-    if form != "tail":
+    if form not in ("tail", "hybrid"):
         raise ValueError(f"unknown kd form {form!r}")
     p_log = t_scaled - teacher.lse.float().unsqueeze(-1)  # exact teacher log-probs at T (full-vocab normaliser)
     q_log = s_k - student_lse.unsqueeze(-1)
     head = torch.where(valid, p_log.exp() * (p_log - q_log), 0.0).sum(-1)
     p_tail = (-torch.expm1(torch.logsumexp(p_log, dim=-1))).clamp_min(0.0)  # 1 - sum p, accurately near 0
+    if form == "hybrid":
+        counts = teacher.draw_counts
+        w = p_tail.unsqueeze(-1) * counts / counts.sum(-1, keepdim=True).clamp_min(1)
+        return (head + _kl_terms(w, s.gather(-1, teacher.draw_ids) - student_lse.unsqueeze(-1))) * t * t
     # The student's logits with its valid top-k entries set to -inf, in one pass: amin with -inf there
     # and +inf for invalid entries, so an invalid entry sharing an id with a valid one cannot undo it.
     hide = torch.where(valid, -torch.inf, torch.inf)
@@ -103,7 +137,7 @@ def _masked_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask > 0, values * mask, 0.0).sum()
 
 
-def _vocab_chunk(hidden, weight, bias, labels, ce_mask, kd_mask, t_ids, t_logits, t_lse, t_valid, t_full,
+def _vocab_chunk(hidden, weight, bias, labels, ce_mask, kd_mask, teacher: TeacherTargets | None,
                  form: str, temperature: float, compute_kd: bool, vocab_limit: int | None):
     """Sums over one chunk of positions: (ce_sum, kd_sum, agree_sum). Recomputed in backward."""
     logits = F.linear(hidden, weight, bias).float()  # [n, V]
@@ -113,19 +147,13 @@ def _vocab_chunk(hidden, weight, bias, labels, ce_mask, kd_mask, t_ids, t_logits
     target = logits.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
     ce_sum = _masked_sum(lse - target, ce_mask)
     zero = logits.new_zeros(())
-    if t_ids is None and t_full is None:
+    if teacher is None:
         return ce_sum, zero, zero
     kd_sum = zero
     if compute_kd:
-        teacher = TeacherTargets(ids=t_ids, logits=t_logits, lse=t_lse, valid=t_valid, full_logits=t_full)
         kd_sum = _masked_sum(kd_from_logits(logits, teacher, form, temperature, lse if temperature == 1.0 else None), kd_mask)
     with torch.no_grad():
-        if t_full is not None:
-            t_top = t_full.argmax(-1)
-        else:
-            t_scores = t_logits.float() if t_valid is None else torch.where(t_valid, t_logits.float(), -torch.inf)
-            t_top = t_ids.gather(-1, t_scores.argmax(-1, keepdim=True)).squeeze(-1)
-        agree = _masked_sum((logits.argmax(-1) == t_top).float(), kd_mask)
+        agree = _masked_sum((logits.argmax(-1) == teacher.top1()).float(), kd_mask)
     return ce_sum, kd_sum, agree
 
 
@@ -144,7 +172,6 @@ def vocab_losses(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     counts: (CE positions, KD positions) to divide by instead of this batch's own: under DDP, the micro-batch's
     count over all ranks divided by their number, so that the gradients DDP averages are those of the global mean.
     """
-    t = teacher or TeacherTargets()
     want_kd = teacher is not None and compute_kd
     n = hidden.shape[0]
     sums = [hidden.new_zeros((), dtype=torch.float32) for _ in range(3)]
@@ -153,10 +180,7 @@ def vocab_losses(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     use_ckpt = torch.is_grad_enabled() and hidden.requires_grad and n > chunk_tokens
     for a in range(0, n, chunk_tokens):
         sl = slice(a, a + chunk_tokens)
-        args = (hidden[sl], weight, bias, labels[sl], ce_mask[sl], kd_mask[sl],
-                None if t.ids is None else t.ids[sl], None if t.logits is None else t.logits[sl],
-                None if t.lse is None else t.lse[sl], None if t.valid is None else t.valid[sl],
-                None if t.full_logits is None else t.full_logits[sl])
+        args = (hidden[sl], weight, bias, labels[sl], ce_mask[sl], kd_mask[sl], None if teacher is None else teacher.rows(sl))
         if use_ckpt:
             part = checkpoint(_vocab_chunk, *args, form, temperature, want_kd, vocab_limit, use_reentrant=False)
         else:

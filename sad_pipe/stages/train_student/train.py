@@ -65,22 +65,30 @@ from sad_pipe.stages.train_student.losses import (
     vocab_losses,
 )
 from sad_pipe.stages.train_student.router import LayerRouter
-from sad_pipe.storage.codecs import decode_hidden, decode_topk
-from sad_pipe.storage.manifest import cache_id, hidden_name
+from sad_pipe.storage.codecs import decode_hidden, decode_samples, decode_topk
+from sad_pipe.storage.manifest import cache_id, hidden_name, target_forms
 from sad_pipe.storage.reader import CacheDataset, CacheReader, FieldSchedule
 from sad_pipe.storage.verify import check_plan_files
 
 log = logging.getLogger(__name__)
 
 # Field groups each loss component reads from the cache.
-NEEDS = {"kd": {"topk", "lse"}, "ce": set(), "feature": {"hidden"}, "relation": {"hidden"}}
+NEEDS = {"ce": set(), "feature": {"hidden"}, "relation": {"hidden"}}
+KD_NEEDS = {"tail": {"topk", "lse"}, "subset": {"topk"}, "sampled": {"samples"}, "hybrid": {"topk", "lse", "tail_samples"},
+            "full": set()}  # online (full) KD reads nothing cached
+KD_TARGETS = {"tail": "topk", "subset": "topk", "sampled": "sampled", "hybrid": "hybrid"}  # the cache.targets form each reads
 
 
 def needs(component: str, kd_form: str) -> set[str]:
-    """Cache field groups a component reads: subset KD needs no lse, online (full) KD nothing cached."""
-    if component == "kd" and kd_form != "tail":
-        return {"topk"} if kd_form == "subset" else set()
-    return NEEDS[component]
+    """Cache field groups a component reads (the KD form decides which teacher arrays)."""
+    return KD_NEEDS[kd_form] if component == "kd" else NEEDS[component]
+
+
+def agreement_groups(reader: CacheReader) -> set[str]:
+    """What gives the teacher's top-1 for the agreement metric: the top-k where cached, else the draws."""
+    if not reader.has_teacher:
+        return set()
+    return {"topk"} if {"topk", "hybrid"} & target_forms(reader.identity) else {"samples"}
 
 
 # -- setup ------------------------------------------------------------------------------------------------
@@ -240,11 +248,7 @@ def _check_cache_fits(cfg: Config, reader: CacheReader, total_steps: int) -> Non
             problems.append("curriculum: kd has non-zero weight but the cache holds no teacher arrays "
                             "(tokens only); set the kd weights to 0 for CE-only training")
         else:
-            if cfg.loss.kd_form == "tail" and cfg.loss.temperature not in reader.temperatures:
-                problems.append(f"loss.temperature {cfg.loss.temperature:g}: the tail form needs the teacher's "
-                                f"logsumexp at T, and the cache holds it only for T in {reader.temperatures}")
-            if cfg.loss.kd_top_k is not None and cfg.loss.kd_top_k > reader.scheme.k:
-                problems.append(f"loss.kd_top_k {cfg.loss.kd_top_k}: the cache holds only the top {reader.scheme.k}")
+            problems += _kd_form_problems(cfg, reader)
     cached_mask = reader.identity["packing"]["loss_mask"]
     if cfg.loss.mask is not None and cfg.loss.mask != cached_mask:
         problems.append(f"loss.mask {cfg.loss.mask}: the cache was built with loss.mask {cached_mask} "
@@ -261,6 +265,29 @@ def _check_cache_fits(cfg: Config, reader: CacheReader, total_steps: int) -> Non
         problems.append(f"cache {reader.url}: the train split is empty")
     if problems:
         raise ConfigError(problems)
+
+
+def _kd_form_problems(cfg: Config, reader: CacheReader) -> list[str]:
+    """What a cached KD form asks of the cache that it may not hold (the README's bad-input table)."""
+    form, forms, problems = cfg.loss.kd_form, target_forms(reader.identity), []
+    targets = reader.identity.get("targets") or {}
+    if KD_TARGETS[form] not in forms:
+        problems.append(f"loss.kd_form {form}: the cache holds no {KD_TARGETS[form]} targets (its cache.targets: "
+                        f"{', '.join(sorted(forms))}); use a form it serves, or build a cache with cache.targets "
+                        f"including {KD_TARGETS[form]}")
+        return problems
+    if form in ("tail", "hybrid") and cfg.loss.temperature not in reader.temperatures:
+        problems.append(f"loss.temperature {cfg.loss.temperature:g}: the {form} form needs the teacher's "
+                        f"logsumexp at T, and the cache holds it only for T in {reader.temperatures}")
+    if form in ("sampled", "hybrid") and cfg.loss.temperature != targets["temperature"]:
+        problems.append(f"loss.temperature {cfg.loss.temperature:g}: the cache's draws come from the teacher at "
+                        f"T={targets['temperature']:g} (cache.sample_temperature); train at that T")
+    if cfg.loss.kd_top_k is not None and cfg.loss.kd_top_k > reader.scheme.k:
+        problems.append(f"loss.kd_top_k {cfg.loss.kd_top_k}: the cache holds only the top {reader.scheme.k}")
+    if form == "hybrid" and cfg.loss.kd_top_k not in (None, reader.scheme.k):
+        problems.append(f"loss.kd_top_k {cfg.loss.kd_top_k}: the hybrid form's draws cover everything outside the "
+                        f"cached top {reader.scheme.k}, so it uses all of them; leave loss.kd_top_k unset")
+    return problems
 
 
 def _load_student(cfg: Config, tokenizer, max_length: int) -> nn.Module:
@@ -445,6 +472,32 @@ def setup(cfg: Config) -> Setup:
 
 # -- one batch: the loss every caller (train and eval) shares -----------------------------------------------
 
+def cached_targets(s: Setup, batch: dict[str, torch.Tensor]) -> TeacherTargets:
+    """The cached teacher targets of a micro-batch, flattened to [B*T, ...] on the device: the top-k (with the
+    lse at the training T) and the draws the KD form uses. Ids the student has no logit for (a teacher table
+    wider than the student's) are masked: top-k entries invalid, draws of count 0."""
+    dev = s.device
+    arrays = {k: v.to(dev, non_blocking=True) for k, v in batch.items()
+              if k.startswith(("topk_", "sample_", "tail_")) or k == "lse"}
+    out = TeacherTargets()
+    if "topk_ids" in arrays:
+        top = decode_topk(arrays, s.reader.scheme, s.cfg.loss.kd_top_k)
+        ids = top.ids.flatten(0, 1)
+        out.valid = ids < s.student_vocab
+        out.ids, out.logits = ids.clamp_max(s.student_vocab - 1), top.logits.flatten(0, 1)
+    if "lse" in arrays and s.temperature_index is not None:
+        out.lse = arrays["lse"][..., s.temperature_index].reshape(-1)
+    name = {"sampled": "sample", "hybrid": "tail"}.get(s.cfg.loss.kd_form)
+    if name is None and out.ids is None:  # sampled targets only, read for the agreement metric
+        name = "sample"
+    if name is not None and f"{name}_ids" in arrays:
+        ids, counts = decode_samples(arrays, name)
+        ids, counts = ids.flatten(0, 1), counts.flatten(0, 1)
+        out.draw_counts = torch.where(ids < s.student_vocab, counts, 0.0)
+        out.draw_ids = ids.clamp_max(s.student_vocab - 1)
+    return out
+
+
 def loss_masks(s: Setup, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(CE mask, KD mask) [B, T] float, on the loader's device. KD trains where stage one did (the cache's
     loss_mask: never across two documents with packing "documents", only the assistant's tokens of chat
@@ -495,18 +548,13 @@ def batch_losses(s: Setup, batch: dict[str, torch.Tensor], weights: dict[str, fl
                                                   teacher_states if "feature" in want else None, token_mask)
 
     targets = None  # teacher targets: for KD, and (when the cache gives them anyway) for top-1 agreement
-    if "kd" in want or "topk_ids" in batch:
+    if "kd" in want or {"topk_ids", "sample_ids"} & batch.keys():
         if cfg.loss.kd_form == "full" and s.teacher is not None and "kd" in want:
             with torch.no_grad():
                 full = s.teacher(input_ids=ids, position_ids=positions, use_cache=False).logits.reshape(b * t, -1)
             targets = TeacherTargets(full_logits=fit_vocabulary(full.float(), s.tokens, s.student_vocab))
-        elif "topk_ids" in batch:
-            top = decode_topk({k: batch[k].to(dev, non_blocking=True) for k in ("topk_ids", "topk_values", "topk_max", "topk_step") if k in batch},
-                              s.reader.scheme, cfg.loss.kd_top_k)
-            ids_k = top.ids.reshape(b * t, -1)
-            valid = ids_k < s.student_vocab  # padded teacher vocab: ids the student has no logit for
-            lse = batch["lse"].to(dev)[..., s.temperature_index].reshape(-1) if "lse" in batch and s.temperature_index is not None else None
-            targets = TeacherTargets(ids=ids_k.clamp_max(s.student_vocab - 1), logits=top.logits.reshape(b * t, -1), lse=lse, valid=valid)
+        elif {"topk_ids", "sample_ids"} & batch.keys():
+            targets = cached_targets(s, batch)
     head = s.core.student.get_output_embeddings()
     out = vocab_losses(last.reshape(b * t, -1), head.weight, head.bias, labels.reshape(-1), ce_mask.reshape(-1),
                        kd_mask.reshape(-1), targets, form=cfg.loss.kd_form, temperature=cfg.loss.temperature,
@@ -633,8 +681,7 @@ def evaluate(s: Setup, step: int) -> dict[str, float]:
     for c in COMPONENTS:
         if weights[c] > 0:
             groups |= needs(c, s.cfg.loss.kd_form)
-    if s.reader.has_teacher:
-        groups |= {"topk"}  # top-1 agreement with the teacher, reported whatever the weights
+    groups |= agreement_groups(s.reader)  # top-1 agreement with the teacher, reported whatever the weights
     data = CacheDataset(s.cfg.cache.path, "eval", s.cfg.train.batch_size, FieldSchedule(always=groups), shuffle=False,
                         drop_last=False, limit=s.cfg.train.eval_max_sequences, rank=distributed.rank(),
                         world_size=distributed.world_size())

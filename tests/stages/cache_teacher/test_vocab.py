@@ -37,3 +37,25 @@ def test_logsumexp_at_each_temperature_and_nan_for_bad_rows(temperatures):
     for j, t in enumerate(temperatures):
         torch.testing.assert_close(got[good, j], torch.logsumexp(f[good] / t, -1), rtol=1e-6, atol=1e-5)
     assert got[[4, 5]].isnan().all()
+
+
+def test_draws_follow_the_teachers_distribution_and_never_an_excluded_or_impossible_id():
+    from sad_pipe.stages.cache_teacher.vocab import draw
+
+    torch.manual_seed(3)
+    f = torch.randn(2, 50) * 2
+    f[:, 40:] = -torch.inf  # padded rows: no probability
+    n = 20_000
+    u = torch.rand(2, n).sort(-1).values
+    for temperature in (1.0, 2.0):
+        ids = draw(f, f.amax(-1), temperature, u, torch.empty_like(f))
+        assert (ids.diff(-1) >= 0).all() and int(ids.max()) < 40
+        p = torch.softmax(f / temperature, -1)
+        freq = torch.stack([torch.bincount(row, minlength=50) for row in ids]).float() / n
+        assert (freq - p).abs().max() < 4 * (p * (1 - p) / n).sqrt().max() + 1e-3
+    head = f.topk(5, -1).indices
+    ids = draw(f, f.amax(-1), 1.0, u, torch.empty_like(f), exclude=head)
+    assert not (ids.unsqueeze(-1) == head.unsqueeze(1)).any()  # the tail of a hybrid target: never a head id
+    rest = torch.softmax(f.scatter(1, head, -torch.inf), -1)
+    freq = torch.stack([torch.bincount(row, minlength=50) for row in ids]).float() / n
+    assert (freq - rest).abs().max() < 4 * (rest * (1 - rest) / n).sqrt().max() + 1e-3
