@@ -186,7 +186,7 @@ def test_repair_recreates_exactly_the_damaged_shards_through_the_teacher(referen
     seen = []
     real_call = runner.TeacherRunner.__call__
     monkeypatch.setattr(runner.TeacherRunner, "__call__",
-                        lambda self, ids, *rest: seen.append(ids.clone()) or real_call(self, ids, *rest))
+                        lambda self, ids, *rest, **kw: seen.append(ids.clone()) or real_call(self, ids, *rest, **kw))
     out = cli("verify", "--repair", url).output
     assert "repair: re-creating 3 shards: eval/0, train/1, train/2" in out and "intact" in out
     plan = read_plan(cache)

@@ -27,33 +27,12 @@ from sad_pipe.storage.fs import CacheFS
 from sad_pipe.storage.manifest import read_commits
 from sad_pipe.storage.reader import CacheReader
 
-MAX_LENGTH, BATCH, PER_SHARD, EVAL_FRACTION = 32, 4, 16, 0.25
+from .conftest import BATCH, EVAL_FRACTION, MAX_LENGTH, PER_SHARD
+
 ALL_GROUPS = {"input_ids", "topk", "lse", "target_logprob", "hidden"}
 
 
 # -- inputs and helpers -------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a shared machine an OpenMP team of two
-    waits at every barrier for whichever thread another process has preempted."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def docs_path(assets, tmp_path_factory) -> str:
-    """Twelve short documents, three of them held out by the hash rule: ~50 train and ~15 eval sequences
-    (4 + 1 or 2 shards)."""
-    short = [d[:400] for d in assets["docs"]]
-    train = [d for d in short if not is_eval(d, EVAL_FRACTION)][:9]
-    held = [d for d in short if is_eval(d, EVAL_FRACTION)][:3]
-    path = tmp_path_factory.mktemp("data") / "docs.jsonl"
-    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in held[:1] + train[:5] + held[1:] + train[5:]))
-    return str(path)
-
 
 def write_config(root: Path, model: str | None, docs: str, **sections) -> str:
     """A config under `root` (cache in root/cache) for teacher `model` and dataset `docs`; `sections` update keys."""
@@ -299,11 +278,11 @@ def failing_on_call(monkeypatch, n: int, error: BaseException) -> None:
     """The teacher raises `error` on its n-th batch (batches 4i+1 to 4i+4 make shard i)."""
     original, calls = runner.TeacherRunner.__call__, []
 
-    def call(self, input_ids, *rest):
+    def call(self, input_ids, *rest, **kw):
         calls.append(1)
         if len(calls) == n:
             raise error
-        return original(self, input_ids, *rest)
+        return original(self, input_ids, *rest, **kw)
 
     monkeypatch.setattr(runner.TeacherRunner, "__call__", call)
 

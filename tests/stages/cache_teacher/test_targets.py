@@ -10,7 +10,7 @@ import torch
 from sad_pipe.storage.codecs import decode_samples, decode_topk, torch_view
 from sad_pipe.storage.reader import CacheReader
 
-from .test_stage import cache_path, docs_path, read_all, run, write_config  # noqa: F401 - docs_path: a fixture
+from .test_stage import cache_path, read_all, run, write_config
 
 GROUPS = {"input_ids", "topk", "samples", "tail_samples", "lse"}
 TARGETS = {"targets": ["topk", "sampled", "hybrid"], "samples": 24, "top_k": 8}

@@ -49,7 +49,7 @@ def test_draws_follow_the_teachers_distribution_and_never_an_excluded_or_impossi
     u = torch.rand(2, n).sort(-1).values
     for temperature in (1.0, 2.0):
         ids = draw(f, f.amax(-1), temperature, u, torch.empty_like(f))
-        assert (ids.diff(-1) >= 0).all() and int(ids.max()) < 40
+        assert (ids.diff(dim=-1) >= 0).all() and int(ids.max()) < 40
         p = torch.softmax(f / temperature, -1)
         freq = torch.stack([torch.bincount(row, minlength=50) for row in ids]).float() / n
         assert (freq - p).abs().max() < 4 * (p * (1 - p) / n).sqrt().max() + 1e-3
