@@ -77,6 +77,18 @@ class CacheReader:
     def temperatures(self) -> list[float]:
         return list(self.identity["temperatures"])
 
+    @property
+    def groups(self) -> set[str]:
+        """The field groups this cache holds."""
+        out = set()
+        for g in FIELD_GROUPS:
+            try:
+                self.arrays_for({g})
+            except CacheError:
+                continue
+            out.add(g)
+        return out
+
     def arrays_for(self, groups: set[str]) -> list[str]:
         """Array names behind field groups; asking for what the cache lacks is an error."""
         names = []

@@ -18,7 +18,7 @@ from conftest import cache_config
 
 from sad_pipe.storage.fs import CacheFS
 from sad_pipe.storage.manifest import read_commits
-from sad_pipe.storage.reader import FIELD_GROUPS, CacheReader
+from sad_pipe.storage.reader import CacheReader
 
 REPO = Path(__file__).resolve().parents[2]
 BUCKET = "sad-pipe-tests"
@@ -53,7 +53,7 @@ def cache_contents(url: str) -> dict:
     through CacheReader, and the size and sha256 of every committed file (shard directories carry a random
     suffix, so records are compared file by file, not by directory)."""
     reader = CacheReader(url)
-    groups = {g for g in FIELD_GROUPS if g == "input_ids" or reader.has_teacher}
+    groups = reader.groups
     arrays = {}
     for split, info in reader.plan.splits.items():
         for shard, (a, b) in enumerate(info["shards"]):
