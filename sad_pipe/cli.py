@@ -256,6 +256,21 @@ def demo_compare_cmd(root):
     click.echo(build_comparison(Path(root)))
 
 
+@demo_group.command("diagnose")
+@config_option
+@set_option
+@click.option("--teacher", required=True, help="The teacher the cache was built from (run online, for full KD).")
+@click.option("--output", required=True, type=click.Path(file_okay=False), help="Where diagnose.jsonl and .md go.")
+@click.option("--follow", default="tail", show_default=True, help="The KD form whose trajectory the student follows.")
+@click.option("--steps", type=int, default=200, show_default=True)
+@_reporting_errors
+def demo_diagnose_cmd(config_path, overrides, teacher, output, follow, steps):
+    """Gradients of every cached KD form vs online full KD, step by step on the same batches."""
+    from sad_pipe.demo.diagnose import diagnose
+
+    click.echo(diagnose(list(config_path), list(overrides), teacher, Path(output), follow, steps))
+
+
 @main.command("config-reference", hidden=True)
 def config_reference_cmd():
     """Print the config reference (Markdown) that the README embeds."""

@@ -472,9 +472,9 @@ def setup(cfg: Config) -> Setup:
 
 # -- one batch: the loss every caller (train and eval) shares -----------------------------------------------
 
-def cached_targets(s: Setup, batch: dict[str, torch.Tensor]) -> TeacherTargets:
+def cached_targets(s: Setup, batch: dict[str, torch.Tensor], form: str | None = None) -> TeacherTargets:
     """The cached teacher targets of a micro-batch, flattened to [B*T, ...] on the device: the top-k (with the
-    lse at the training T) and the draws the KD form uses. Ids the student has no logit for (a teacher table
+    lse at the training T) and the draws the KD form (`form`, by default the run's) uses. Ids the student has no logit for (a teacher table
     wider than the student's) are masked: top-k entries invalid, draws of count 0."""
     dev = s.device
     arrays = {k: v.to(dev, non_blocking=True) for k, v in batch.items()
@@ -487,7 +487,7 @@ def cached_targets(s: Setup, batch: dict[str, torch.Tensor]) -> TeacherTargets:
         out.ids, out.logits = ids.clamp_max(s.student_vocab - 1), top.logits.flatten(0, 1)
     if "lse" in arrays and s.temperature_index is not None:
         out.lse = arrays["lse"][..., s.temperature_index].reshape(-1)
-    name = {"sampled": "sample", "hybrid": "tail"}.get(s.cfg.loss.kd_form)
+    name = {"sampled": "sample", "hybrid": "tail"}.get(form or s.cfg.loss.kd_form)
     if name is None and out.ids is None:  # sampled targets only, read for the agreement metric
         name = "sample"
     if name is not None and f"{name}_ids" in arrays:
