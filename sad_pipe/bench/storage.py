@@ -238,6 +238,7 @@ def _teacher_table(teachers, outputs: list[TeacherOutputs], res: Result) -> Tabl
     table = Table("Teachers of the codec figures (held-out text)", ["V", "recipe", "params", "trained tokens", "train minutes",
                                                     "held-out CE", "top-1", "top-16 / 64 / 256 mass T=1",
                                                     "top-256 mass T=2", "entropy T=1 (nats)", "next token in top-256",
+                                                    "top-256 shared with next position",
                                                     "top-k logit span median / p95 / max", "tokens with step > 1/16",
                                                     "forward tok/s"])
     for t, out in zip(teachers, outputs):
@@ -247,6 +248,7 @@ def _teacher_table(teachers, outputs: list[TeacherOutputs], res: Result) -> Tabl
                            f"{build['train_seconds'] / 60:.1f} ({build['device']}, {build['threads']} threads)",
                            f"{p['ce']:.2f}", f"{p['top1']:.3f}", " / ".join(f"{m:.3f}" for m in p["mass_T1"].values()),
                            f"{p['mass_T2_256']:.3f}", f"{p['entropy_T1']:.2f}", f"{p['target_in_top256']:.3f}",
+                           f"{p['top256_overlap_next']:.3f}",
                            f"{stats['span_median']:.1f} / {stats['span_p95']:.1f} / {stats['span_max']:.1f}",
                            f"{stats['fraction_step_above_min']:.1%}", f"{stats['forward_tokens_per_s']:,.0f}"])
     return table

@@ -283,6 +283,8 @@ def teacher_profile(model_dir: Path | str, tokenizer_dir: Path | str, held_out_j
         entropy_T1   nats
         ce, top1     next-token cross entropy (nats) and top-1 accuracy on the true next token
         target_in_top256  how often the true next token is in the top-256
+        top256_overlap_next  share of a position's top-256 ids also in the next position's: a flat teacher's
+                     sets barely change (the same frequent tokens everywhere), which is what compresses
 
     Batch by batch under no_grad: one batch's [B, T, V] logits at a time, never the whole set."""
     import torch
@@ -298,7 +300,7 @@ def teacher_profile(model_dir: Path | str, tokenizer_dir: Path | str, held_out_j
     vocab = int(model.get_output_embeddings().weight.shape[0])
     ks = [k for k in PROFILE_K if k <= vocab]
     sums = {f"mass_T1_{k}": 0.0 for k in ks} | {"mass_T2_256": 0.0, "entropy_T1": 0.0}
-    nll = hits = in_top = 0.0
+    nll = hits = in_top = overlap = 0.0
     positions = targets = 0
     with torch.no_grad():
         for s in range(0, len(seqs), batch):
@@ -321,10 +323,14 @@ def teacher_profile(model_dir: Path | str, tokenizer_dir: Path | str, held_out_j
             hits += float((pred.argmax(-1, keepdim=True) == nxt).sum())
             in_top += float((pred.gather(-1, nxt) >= pred.topk(min(256, vocab), dim=-1).values[..., -1:]).sum())
             targets += b * (t - 1)
-            del logits, logp, logp2, top, cum, pred
+            kk = min(256, vocab)
+            member = torch.zeros_like(logp, dtype=torch.bool).scatter_(-1, logp.topk(kk, dim=-1).indices, True).view(b, t, -1)
+            overlap += float((member[:, :-1] & member[:, 1:]).sum()) / kk
+            del logits, logp, logp2, top, cum, pred, member
     profile = {"vocab": vocab, "sequences": len(seqs), "positions": positions,
                **{k: v / positions for k, v in sums.items()},
-               "ce": nll / targets, "top1": hits / targets, "target_in_top256": in_top / targets}
+               "ce": nll / targets, "top1": hits / targets, "target_in_top256": in_top / targets,
+               "top256_overlap_next": overlap / targets}
     profile["mass_T1"] = {str(k): profile.pop(f"mass_T1_{k}") for k in ks}
     return profile
 
