@@ -42,14 +42,39 @@ $(DEMO)/students/%/result.json: $(DEMO)/cache/manifest.json
 $(DEMO)/report.md: $(STUDENT_RUNS)
 	$(SAD) demo report $(DEMO) > /dev/null
 
-# The method comparison over seeds (small student): paired differences with their spread.
-compare: $(DEMO)/cache/manifest.json
-	@for s in $$(seq 0 $$(($(SEEDS) - 1))); do for m in $(SMALL_METHODS); do \
-		d=$(DEMO)/compare/seed-$$s/$$m; test -f $$d/result.json && continue; \
+# The method comparison over seeds (small student): paired differences with their spread and worst seed.
+#   make compare                              the demo's own (flat) teacher, 200 steps, SEEDS seeds
+#   make compare TEACHER=sharp STEPS=1000     a sharp teacher (top-256 >= 0.9 of its mass, like real LLMs),
+#                                             built once per machine (sad-pipe demo sharp-teacher), and its cache
+# Results: $(DEMO)/compare/<teacher>-<steps>/compare.md
+TEACHER ?= flat
+STEPS ?= 200
+COMPARE_METHODS ?= ce full subset tail sampled hybrid
+ifeq ($(TEACHER),sharp)
+COMPARE_CACHE := $(DEMO)-sharp/cache
+COMPARE_TEACHER := $(DEMO)-sharp/teacher
+else
+COMPARE_CACHE := $(DEMO)/cache
+COMPARE_TEACHER := $(DEMO)/teacher/final
+endif
+COMPARE_DIR := $(DEMO)/compare/$(TEACHER)-$(STEPS)
+
+$(DEMO)-sharp/teacher/config.json: | $(STAMP)
+	$(SAD) demo sharp-teacher $(DEMO)-sharp/teacher
+
+# The demo's cache settings, the sharp teacher's held-out documents (it never trained on them).
+$(DEMO)-sharp/cache/manifest.json: $(DEMO)-sharp/teacher/config.json $(CONFIGS)/cache.json
+	$(SAD) cache-teacher --config $(CONFIGS)/cache.json --set teacher.model=$(DEMO)-sharp/teacher \
+		--set data.path=$(DEMO)-sharp/teacher/held-out.jsonl --set data.max_documents=null --set cache.path=$(DEMO)-sharp/cache
+
+compare: $(COMPARE_CACHE)/manifest.json
+	@for s in $$(seq 0 $$(($(SEEDS) - 1))); do for m in $(COMPARE_METHODS); do \
+		d=$(COMPARE_DIR)/seed-$$s/$$m; test -f $$d/result.json && continue; \
 		$(SAD) train-student --config $(CONFIGS)/student-small.json --config $(CONFIGS)/methods/$$m.json \
-			--set train.seed=$$s --set train.eval_steps=0 --output $$d || exit 1; \
+			--set cache.path=$(COMPARE_CACHE) --set teacher.model=$(COMPARE_TEACHER) --set train.max_steps=$(STEPS) \
+			--set train.seed=$$s --set train.eval_steps=0 --set train.save_steps=0 --output $$d || exit 1; \
 	done; done
-	$(SAD) demo compare $(DEMO)/compare
+	$(SAD) demo compare $(COMPARE_DIR)
 
 clean-demo:
 	rm -rf $(DEMO)

@@ -236,6 +236,16 @@ def demo_tokenizer_cmd(corpus, output, vocab_size):
     click.echo(f"tokenizer with {vocab_size} tokens saved to {output}")
 
 
+@demo_group.command("sharp-teacher")
+@click.argument("output", type=click.Path(file_okay=False))
+@_reporting_errors
+def demo_sharp_teacher_cmd(output):
+    """Build (once per machine) a sharp demo-shaped teacher and link it into OUTPUT (for make compare TEACHER=sharp)."""
+    from sad_pipe.demo.assets import link_sharp_teacher
+
+    _print(link_sharp_teacher(Path(output)), False)
+
+
 @demo_group.command("report")
 @click.argument("demo_dir", type=click.Path(file_okay=False, exists=True))
 @_reporting_errors

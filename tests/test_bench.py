@@ -20,9 +20,12 @@ def _cells(line: str) -> list[str]:
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "out"
+    teacher_cache = tmp_path_factory.mktemp("teacher-cache")
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("SAD_PIPE_BENCH_WORK", raising=False)  # a temporary work directory, removed afterwards
+        mp.setenv("SAD_PIPE_TEACHER_CACHE", str(teacher_cache))  # never the home directory, whatever happens
         result = cli("bench", "--quick", "--repeats", "1", "--output", str(out))
+    assert not any(teacher_cache.iterdir()), "--quick wrote its tiny teachers into the shared teacher cache"
     return out, result
 
 
@@ -52,6 +55,27 @@ def test_kd_loss_benchmark_compares_equal_results(quick_run):
     assert set(data["max_abs_difference"]) == {"ce", "kd", "grad_hidden", "grad_weight"}
     for name, diff in data["max_abs_difference"].items():
         assert diff <= 1e-4 * max(data["max_abs_value"][name], 1e-6), name
+
+
+def test_storage_figures_come_from_profiled_teachers_on_every_index_range(quick_run):
+    """Each codec row names the teacher it came from and its profile; the wide range is Qwen2.5's 151,936 ids."""
+    from sad_pipe.bench.storage import SIZES, WIDE_VOCAB
+
+    out, _ = quick_run
+    bench = json.loads((out / "results.json").read_text())["benchmarks"]["storage"]
+    recipes = SIZES["quick"]["teachers"]
+    assert WIDE_VOCAB == 151936 and set(bench["data"]["teachers"]) == {str(r.vocab) for r in recipes}
+    for t in bench["data"]["teachers"].values():
+        masses = list(t["profile"]["mass_T1"].values())
+        assert masses == sorted(masses) and all(0 <= m <= 1 for m in masses)
+    ranges = {(row["range"], row["vocab"]) for row in bench["data"]["topk"]}
+    assert ranges == {(f"V={r.vocab}", r.vocab) for r in recipes} | {(f"V={r.vocab} ids -> [0, 151,936)", 151936)
+                                                                       for r in recipes}
+    for row in bench["data"]["topk"]:
+        assert row["teacher_profile"] == bench["data"]["teachers"][str(row["teacher_vocab"])]["profile"]
+    sized = [f["name"] for f in bench["figures"] if "bytes/token" in f["name"] and "top-k" in f["name"]]
+    assert len(sized) == 2 * 2 * len(recipes)  # default and fp16, own and wide range, per teacher
+    assert all("top-16/64/256 mass" in name and "nats" in name for name in sized)
 
 
 def test_quick_suite_writes_markdown_table(quick_run):

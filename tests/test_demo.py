@@ -74,7 +74,8 @@ def test_make_all_in_miniature(tmp_path):
 def test_compare_reports_paired_differences_over_seeds(tmp_path):
     from sad_pipe.demo.report import build_comparison
 
-    ce = {"seed-0": {"ce": 6.0, "full": 5.4, "subset": 5.3}, "seed-1": {"ce": 6.2, "full": 5.7, "subset": 5.5}}
+    ce = {"seed-0": {"ce": 6.0, "full": 5.4, "subset": 5.3, "tail": 5.41},
+          "seed-1": {"ce": 6.2, "full": 5.7, "subset": 5.5, "tail": 5.8}}
     for seed, methods in ce.items():
         for method, value in methods.items():
             (tmp_path / seed / method).mkdir(parents=True)
@@ -84,4 +85,6 @@ def test_compare_reports_paired_differences_over_seeds(tmp_path):
     # subset vs ce: -11.67% and -11.29% -> mean -11.48, sd 0.27; vs full: -1.85% and -3.51%
     paired = [line for line in text.splitlines() if line.startswith("| subset |")][-1]
     assert "-11.48% +- 0.27 [-11.67, -11.29] (n=2)" in paired
-    assert "-2.68% +- 1.17 [-3.51, -1.85] (n=2)" in paired
+    assert "-2.68% +- 1.17 [-3.51, -1.85] (n=2)" in paired and paired.endswith("| yes |")
+    tail = [line for line in text.splitlines() if line.startswith("| tail |")][-1]
+    assert tail.endswith("| no (worst +1.75%) |")  # within 1% on average, not on every seed

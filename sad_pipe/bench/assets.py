@@ -6,6 +6,8 @@
     teachers     Llama-style models trained briefly, CE only, by `train_student.run` from a tokens-only
                  cache, exactly like the demo's teacher: realistic logits, not random numbers
     kd cache     the bench teacher's cache (top-256, lse at T=1,2, hidden layers), by `cache_teacher.run`
+    sharp        teachers trained until they are as peaked as real LLMs (teachers.py), for the storage
+                 figures; the full profile's are kept across runs in the teacher cache ($SAD_PIPE_TEACHER_CACHE)
 
 Each asset is built once per run (and reused across runs when SAD_PIPE_BENCH_WORK names a directory:
 handy with --only; every asset is complete once its last file exists, like make's file targets).
@@ -90,6 +92,7 @@ class Teacher:
 
 class Assets:
     def __init__(self, root: Path, profile: str, device: str):
+        self.profile = profile
         self.p = PROFILES[profile]
         # A kept work directory is reused only by runs with the same sizes and device.
         key = hashlib.sha256(json.dumps([self.p, device], sort_keys=True, default=str).encode()).hexdigest()[:8]
@@ -218,6 +221,27 @@ class Assets:
                           train_steps=steps, train_tokens=steps * batch * self.max_length)
         self._memo[key] = teacher
         return teacher
+
+    def sharp_teacher(self, recipe):
+        """A sharp teacher (teachers.build_teacher). The full profile's live in the shared teacher cache, built
+        once per machine; --quick's tiny ones under this run's work directory, so a check leaves nothing behind."""
+        import torch
+
+        from sad_pipe.bench.teachers import build_teacher, default_root
+
+        key = f"sharp teacher V={recipe.vocab} ({recipe.key})"
+        if key in self._memo:
+            return self._memo[key]
+        full = self.profile == "full"
+        start, cpu = time.perf_counter(), cpu_seconds()
+        # Full: every core (a 20-minute build done once, not a measurement); quick: the bench's own threads.
+        asset = build_teacher(recipe, root=default_root() if full else self.root / "teachers", device=self.device,
+                              threads=None if full else torch.get_num_threads())
+        if asset.built:
+            self.build_seconds[key] = time.perf_counter() - start
+            self.build_cpu_seconds[key] = cpu_seconds() - cpu
+        self._memo[key] = asset
+        return asset
 
     def small_llm_teacher(self) -> Path:
         """SMALL_LLM (random weights) with the bench vocabulary's tokenizer, saved like any hub model."""

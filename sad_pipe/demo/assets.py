@@ -69,3 +69,21 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, output: Path | st
     hf.model_max_length = 1 << 20  # packing decides lengths; silence "sequence too long" warnings
     hf.save_pretrained(str(output))
     return str(output)
+
+
+def link_sharp_teacher(out: Path) -> dict:
+    """The sharp demo-shaped teacher (bench/teachers.py SHARP: top-256 >= 0.9 of its mass on held-out text,
+    like a real LLM), built once per machine in the teacher cache, linked into `out` as a model directory, with
+    the held-out documents it never trained on (held-out.jsonl) and its profile (profile.json)."""
+    from sad_pipe.bench.teachers import SHARP, build_teacher
+
+    asset = build_teacher(SHARP)
+    out.mkdir(parents=True, exist_ok=True)
+    links = {f.name: f for f in asset.model.iterdir()} | {"held-out.jsonl": asset.held_out}
+    for name, target in links.items():
+        link = out / name
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(target.resolve())
+    (out / "profile.json").write_text(json.dumps(asset.profile.get("profile", asset.profile), indent=1) + "\n")
+    return {"teacher": str(asset.model), "recipe": asset.recipe.key, **asset.profile.get("profile", {})}
