@@ -159,7 +159,7 @@ class TrainConfig(Section):
     max_grad_norm: float = Field(1.0, gt=0)
     """Gradient clipping norm."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """auto: bf16 on GPUs that support it, fp16 + grad scaler on older GPUs (P100), fp32 on CPU."""
+    """auto: bf16 on GPUs that support it, fp16 + grad scaler on older GPUs (P100), fp32 on CPU. fp16 and bf16 also run on a CPU (slowly: to test the GPU paths); fp16 steps whose gradients overflow are skipped and counted, and halve the loss scale."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the student trains."""
     use_gradient_checkpointing: bool = False
@@ -173,7 +173,7 @@ class TrainConfig(Section):
     keep_checkpoints: int = Field(2, gt=0)
     """Complete checkpoints kept; older ones are deleted after a newer one is complete."""
     max_consecutive_nan: int = Field(5, gt=0)
-    """Abort after this many non-finite steps in a row (each is skipped, counted and logged)."""
+    """Abort after this many non-finite steps in a row (each is skipped, counted and logged). fp16 overflows the grad scaler skips are counted and logged but not here: each halves the scale, the scaler's own remedy."""
     seed: int = 0
     """Seeds the student init and the data order."""
     num_workers: int = Field(0, ge=0)

@@ -238,7 +238,6 @@ SCENARIOS = {
     "kd-top-k": lambda c: student(c, loss={"kd_top_k": 32}),
     "kd-form-not-cached": lambda c: student(c, loss={"kd_form": "hybrid"}),
     "batch-too-big": lambda c: student(c, train={"batch_size": 1000}),
-    "fp16-on-cpu": lambda c: student(c, train={"precision": "fp16", "device": "cpu"}),
     "cache-missing": lambda c: student(c, cache=str(c.tmp / "nowhere")),
     "old-format": old_format,
     "damaged-shard": damaged_shard,

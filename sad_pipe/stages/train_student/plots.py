@@ -1,4 +1,5 @@
-"""PNG plots of a run's metrics.jsonl: every loss component (raw and weighted), lr, eval metrics."""
+"""PNG plots of a run's metrics.jsonl: every loss component (raw and weighted), lr (and the fp16 loss scale),
+the skipped steps, eval metrics."""
 
 from __future__ import annotations
 
@@ -27,10 +28,24 @@ def plot_metrics(metrics_path: Path, out_dir: Path) -> list[Path]:
         ax.set_xlabel("optimizer step")
         if keys:
             ax.legend(fontsize=8)
+    # Skipped steps (a non-finite loss, or an fp16 overflow) as red lines on the raw losses, whose line
+    # has a gap there (the loss was not finite) or a step the weights never took.
+    skipped = [r["step"] for r in train if r.get("nonfinite") or r.get("overflow")]
+    for step in skipped:
+        axes.flat[0].axvline(step, color="red", alpha=0.3, linewidth=1)
+    if skipped:
+        axes.flat[0].set_title(f"raw loss components ({len(skipped)} skipped steps in red)")
     ax = axes.flat[3]
     ax.plot([r["step"] for r in train], [r["lr"] for r in train], color="gray")
     ax.set_title("learning rate")
     ax.set_xlabel("optimizer step")
+    scales = [(r["step"], r["loss_scale"]) for r in train if r.get("loss_scale")]
+    if scales:  # fp16: the grad scaler's scale, halved at every overflow
+        twin = ax.twinx()
+        twin.step([p[0] for p in scales], [p[1] for p in scales], where="post", color="tab:orange")
+        twin.set_yscale("log", base=2)
+        twin.set_ylabel("fp16 loss scale", color="tab:orange")
+        ax.set_title("learning rate and fp16 loss scale")
     fig.tight_layout()
     paths = [out_dir / "losses.png"]
     fig.savefig(paths[0], dpi=100)

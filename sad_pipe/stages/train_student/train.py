@@ -217,8 +217,8 @@ def _precision(name: str, device: torch.device) -> tuple[str, torch.dtype | None
         if device.type != "cuda":
             return "fp32", None
         name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if name != "fp32" and device.type != "cuda":
-        raise ConfigError(f"train.precision {name}: mixed precision needs a GPU here; use fp32 (or auto) on CPU")
+    # fp16 and bf16 on a CPU are slow but real (torch autocasts and scales gradients there too): they
+    # exercise the P100's fp16 path, grad scaler and overflow skips included, on any machine.
     return name, {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
@@ -444,7 +444,7 @@ def setup(cfg: Config) -> Setup:
     optimizer = _optimizer(model, cfg)
     warmup, kind = cfg.train.warmup_steps, cfg.train.lr_schedule
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup, total, kind))
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     schedule, arrays_read = _field_schedule(cfg, total, mb_per_epoch, steps_per_epoch)
     train_set = CacheDataset(cfg.cache.path, "train", cfg.train.batch_size, schedule, seed=cfg.train.seed,
                              buffer_chunks=cfg.train.shuffle_buffer_chunks, rank=rank, world_size=world)
@@ -901,7 +901,8 @@ def _train(s: Setup, state: LoopState, run_dir: Path, metrics) -> None:
 
 def _optimizer_step(s: Setup) -> tuple[float | None, bool]:
     """Clip and step. Returns (gradient norm, whether the weights changed): a non-finite gradient skips the
-    step, and with fp16 the grad scaler skips overflowing steps by itself (and lowers its scale)."""
+    step. With fp16 the grad scaler does that itself: unscale_ finds the inf/NaN, step() then leaves every
+    weight and the optimizer state alone (nothing is clamped into them), and update() halves the scale."""
     if s.scaler:
         s.scaler.unscale_(s.optimizer)
     grad_norm = float(torch.nn.utils.clip_grad_norm_(s.model.parameters(), s.cfg.train.max_grad_norm))
@@ -921,9 +922,14 @@ def _end_of_step(s: Setup, state: LoopState, inputs: StepInputs, weights: dict[s
     """The optimizer step boundary: skip or step, advance the schedule and the data position, log."""
     cfg, plan = s.cfg, s.plan
     bad, bad_ids, sums = inputs.reduce()
+    scale = s.scaler.get_scale() if s.scaler else None  # the loss scale this step's gradients were made at
     grad_norm, stepped = (None, False) if bad else _optimizer_step(s)
-    if not bad and s.scaler is None and not stepped:
-        bad = True  # finite losses, non-finite gradient
+    # Finite losses but gradients that are not: with fp16 an overflow at this loss scale, which the scaler
+    # answers by halving it (its own remedy, so it does not count towards max_consecutive_nan); in fp32 or
+    # bf16 a real non-finite gradient.
+    overflow = not bad and not stepped and s.scaler is not None
+    if not bad and not stepped and s.scaler is None:
+        bad = True
     s.optimizer.zero_grad(set_to_none=True)
     lr = s.optimizer.param_groups[0]["lr"]
     with _quiet_scheduler_warning():
@@ -939,7 +945,11 @@ def _end_of_step(s: Setup, state: LoopState, inputs: StepInputs, weights: dict[s
         state.skipped = (state.skipped + [{"step": state.step, "sequence_ids": bad_ids}])[-10:]
         log.warning("step %d: non-finite loss or gradient; step skipped (weights unchanged), sequences %s",
                     state.step, bad_ids[:16])
-    elif stepped or s.scaler is None:
+    elif overflow:
+        state.skipped_steps += 1
+        log.warning("step %d: fp16 gradients overflowed at loss scale %g; step skipped (weights unchanged), "
+                    "loss scale now %g", state.step, scale, s.scaler.get_scale())
+    else:
         state.consecutive_nonfinite = 0
     state.epoch, state.next_micro_batch = ((state.epoch + 1, 0) if next_batch >= plan.micro_batches_per_epoch
                                            else (state.epoch, next_batch))
@@ -947,12 +957,14 @@ def _end_of_step(s: Setup, state: LoopState, inputs: StepInputs, weights: dict[s
     record = {"step": state.step, "split": "train", "epoch": state.epoch, "progress": state.step / plan.total_steps,
               "lr": lr, "grad_norm": grad_norm, "tokens_per_second": tokens / max(elapsed, 1e-9),
               "skipped_steps": state.skipped_steps, "nonfinite": bad, **{f"weight/{c}": weights[c] for c in COMPONENTS}}
+    if s.scaler:
+        record.update(overflow=overflow, loss_scale=scale)
     record.update({k if k == "agreement" else f"loss/{k}": v for k, v in sums.items()})  # agreement: a metric
     # A component with weight 0 is not computed: its raw loss is absent, its weighted share exactly 0.
     record.update({f"weighted/{c}": weights[c] * sums[c] if weights[c] > 0 else 0.0 for c in COMPONENTS})
     if bad:
         record["skipped_sequence_ids"] = bad_ids
-    if metrics and (state.step % cfg.train.log_steps == 0 or bad):
+    if metrics and (state.step % cfg.train.log_steps == 0 or bad or overflow):
         metrics.write(_json_line(record))
     if bad and state.consecutive_nonfinite >= cfg.train.max_consecutive_nan:
         raise TrainingError(

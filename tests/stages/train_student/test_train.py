@@ -153,22 +153,30 @@ def test_run_directory_holds_config_plan_metrics_plots_and_final_student(schedul
 
 # -- NaN: skipped, counted, logged with the batch's ids; N in a row abort -----------------------------------
 
-def inject_nan(monkeypatch, micro_batches: set[int]) -> list[list[int]]:
-    """Make the training loss NaN on the given training micro-batches (counted from 0); returns their ids."""
+def scale_loss(monkeypatch, micro_batches: set[int], factor: float) -> list[list[int]]:
+    """Multiply the training loss by `factor` on the given micro-batches of the first epoch (numbered from 0,
+    so a resumed run meets them at the same place); returns the ids of the sequences it changed."""
     real = train_module.batch_losses
-    seen, poisoned = [0], []
+    poisoned = []
 
     def batch_losses(s, batch, weights, model=None):
         out = real(s, batch, weights, model)
-        if model is None:
-            if seen[0] in micro_batches:
-                out["total"] = out["total"] * float("nan")
-                poisoned.append(batch["sequence_ids"].tolist())
-            seen[0] += 1
+        if model is None and int(batch["micro_batch"]) in micro_batches:  # training calls; eval passes the model
+            out["total"] = out["total"] * factor
+            poisoned.append(batch["sequence_ids"].tolist())
         return out
 
     monkeypatch.setattr(train_module, "batch_losses", batch_losses)
     return poisoned
+
+
+def inject_nan(monkeypatch, micro_batches: set[int]) -> list[list[int]]:
+    """Make the training loss NaN on the given training micro-batches; returns their ids."""
+    return scale_loss(monkeypatch, micro_batches, float("nan"))
+
+
+# A finite loss (~1e36) whose gradient, times the grad scaler's 2^16, is past fp32's 3.4e38: an fp16 overflow.
+OVERFLOW = 1e36
 
 
 def test_nan_loss_skips_the_step_without_changing_weights(tmp_path, kd_cache, monkeypatch):
@@ -197,6 +205,60 @@ def test_consecutive_nan_steps_abort_with_one_line_error(tmp_path, kd_cache, mon
     rows = metrics(tmp_path / "run")
     assert [r["nonfinite"] for r in rows] == [False, False, True, True, True]
     assert not (tmp_path / "run" / "final").exists()
+
+
+# -- fp16 (the P100 path), on a CPU: autocast + grad scaler, overflowing steps skipped and counted -------------
+
+def fp16_config(tmp_path: Path, cache: str, name: str = "run", **train_keys) -> str:
+    return train_config(tmp_path, cache, name, train={"precision": "fp16", "device": "cpu", "max_steps": 6,
+                                                      "batch_size": 2, "save_steps": 1, "keep_checkpoints": 10,
+                                                      **train_keys})
+
+
+def test_fp16_overflow_skips_exactly_that_step_and_halves_the_loss_scale(tmp_path, kd_cache, monkeypatch):
+    scale_loss(monkeypatch, {2}, OVERFLOW)  # optimizer step 3
+    result = train(fp16_config(tmp_path, kd_cache))
+    run = tmp_path / "run"
+    assert json.loads((run / "plan.json").read_text())["precision"] == "fp16"
+    after = {s: weights(run, f"checkpoints/step-{s:08d}") for s in (2, 3, 4)}
+    assert identical(after[2], after[3])  # the overflowing step left every weight untouched
+    assert not identical(after[3], after[4])
+    assert all(v.dtype == torch.float32 for v in after[4].values())  # fp32 master weights, autocast computes in fp16
+
+    rows = {r["step"]: r for r in metrics(run)}
+    assert [rows[s]["overflow"] for s in range(1, 7)] == [False, False, True, False, False, False]
+    assert [rows[s]["skipped_steps"] for s in range(1, 7)] == [0, 0, 1, 1, 1, 1]
+    assert not any(r["nonfinite"] for r in rows.values())  # finite losses: an overflow, not a NaN step
+    assert rows[3]["loss/total"] > 1e30 and rows[3]["grad_norm"] is None
+    assert rows[3]["loss_scale"] == rows[2]["loss_scale"] == 2.0 ** 16 and rows[4]["loss_scale"] == 2.0 ** 15
+    saved = json.loads((run / "checkpoints/step-00000003/state.json").read_text())
+    assert saved["scaler"]["scale"] == 2.0 ** 15  # the scaler's state travels with the checkpoint
+    assert json.loads((run / "result.json").read_text())["skipped_steps"] == 1
+    assert "step 3: fp16 gradients overflowed at loss scale 65536" in result.output
+    assert math.isfinite(json.loads((run / "result.json").read_text())["eval/ce"])
+
+
+def test_fp16_run_with_an_overflow_resumes_exactly(tmp_path, kd_cache, monkeypatch):
+    """Stopped after the overflow (the halved scale must come back from the checkpoint), resumed: bitwise the
+    straight run's weights and metrics."""
+    scale_loss(monkeypatch, {2}, OVERFLOW)
+    train(fp16_config(tmp_path, kd_cache, "straight"))
+    real_save = train_module.save_checkpoint
+
+    def save_then_stop(s, run_dir, state):
+        path = real_save(s, run_dir, state)
+        if state["step"] == 4:
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_stop)
+    config = fp16_config(tmp_path, kd_cache, "resumed")
+    train(config, expect=130)
+    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    train(config)
+    assert identical(weights(tmp_path / "resumed"), weights(tmp_path / "straight"))
+    for split in ("train", "eval"):
+        assert comparable(metrics(tmp_path / "resumed", split)) == comparable(metrics(tmp_path / "straight", split))
 
 
 # -- exact resume ---------------------------------------------------------------------------------------------
