@@ -15,7 +15,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sad-pipe-installed
 SAD := $(PY) -m sad_pipe.cli
 
-.PHONY: install test test-slow all demo compare bench clean clean-demo help
+.PHONY: install test test-slow all demo compare bench gpu-check clean clean-demo help
 .DEFAULT_GOAL := help
 
 help:
@@ -23,6 +23,7 @@ help:
 	@echo "make test       the test suite (what CI runs)"
 	@echo "make compare    the demo's method comparison over SEEDS seeds (default 3)"
 	@echo "make bench      performance benchmarks -> bench/results.json, bench/results.md"
+	@echo "make gpu-check  on a CUDA machine: the benchmarks a GPU must measure -> bench/gpu-results.md"
 	@echo "make clean      remove the virtualenv, runs/ and build leftovers"
 
 $(STAMP): pyproject.toml
@@ -45,6 +46,12 @@ include demo.mk
 BENCH_ARGS ?=
 bench: install
 	$(SAD) bench --output bench $(BENCH_ARGS)
+
+# cache-teacher ÷ bare forward, online KD vs the cache, the fp16 and bf16 paths, on the GPU (under 10 min);
+# GPU_CHECK_ARGS="--device cpu --quick" tries it without one.
+GPU_CHECK_ARGS ?=
+gpu-check: install
+	$(SAD) bench --gpu-check --output bench $(GPU_CHECK_ARGS)
 
 clean: clean-demo
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -130,16 +130,17 @@ def cache_teacher_cmd(config_path, overrides, output, dry_run, as_json):
 @click.option("--output", help="Run directory (train.output).")
 @click.option("--epochs", type=int, help="train.epochs")
 @click.option("--max-steps", type=int, help="train.max_steps (optimizer steps)")
+@click.option("--dry-run", is_flag=True, help="Check everything, print the plan and the projected peak memory by part; train nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @_reporting_errors
-def train_student_cmd(config_path, overrides, output, epochs, max_steps, as_json):
+def train_student_cmd(config_path, overrides, output, epochs, max_steps, dry_run, as_json):
     """Stage two: train a student from the cache (the teacher is never loaded, except for kd_form=full)."""
     from sad_pipe.pipeline import distributed
     from sad_pipe.stages import train_student
 
     cfg = _config(config_path, overrides, {"train.output": output, "train.epochs": epochs, "train.max_steps": max_steps})
     distributed.init()
-    result = train_student.run(cfg)
+    result = train_student.run(cfg, dry_run=dry_run)
     if distributed.rank() == 0:
         _print(result, as_json)
 
@@ -195,16 +196,20 @@ def gc_cmd(cache):
 @main.command("bench")
 @click.option("--output", default="bench", show_default=True, type=click.Path(file_okay=False),
               help="Where results.json and results.md go.")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Default: cpu; cuda with --gpu-check.")
 @click.option("--only", multiple=True, help="Run only these benchmarks (repeatable); default: all.")
 @click.option("--repeats", type=int, default=3, show_default=True, help="Repetitions; figures are medians.")
 @click.option("--quick", is_flag=True, help="Tiny sizes: checks the benchmarks run, measures nothing worth quoting.")
+@click.option("--gpu-check", is_flag=True,
+              help="Only the benchmarks a GPU must measure (make gpu-check), into gpu-results.json and gpu-results.md.")
 @_reporting_errors
-def bench_cmd(output, device, only, repeats, quick):
+def bench_cmd(output, device, only, repeats, quick, gpu_check):
     """Performance figures, each a ratio against its baseline measured side by side in the same run."""
     from sad_pipe.bench import run_benchmarks
 
-    click.echo(run_benchmarks(Path(output), device=device, only=list(only), repeats=repeats, quick=quick))
+    device = device or ("cuda" if gpu_check else "cpu")
+    click.echo(run_benchmarks(Path(output), device=device, only=list(only), repeats=repeats, quick=quick,
+                              gpu_check=gpu_check))
 
 
 @main.group("demo")

@@ -114,3 +114,22 @@ def test_interleaved_repetitions_alternate_order_and_pair_ratios():
     f = Figure("x", [1.0, 3.0, 2.0], "x", "a", "b", target=(">=", 1.5))
     assert f.median == 2.0 and f.met is True
     assert spread([1.0, 3.0, 2.0], "{:.1f}") == "2.0 (1.0-3.0)"
+
+
+def test_gpu_check_runs_its_benchmarks_on_a_cpu_into_gpu_results(tmp_path, monkeypatch):
+    """`make gpu-check` is `sad-pipe bench --gpu-check`; --device cpu --quick tries it without a GPU."""
+    from sad_pipe.bench import GPU_CHECK
+
+    monkeypatch.delenv("SAD_PIPE_BENCH_WORK", raising=False)
+    monkeypatch.setenv("SAD_PIPE_TEACHER_CACHE", str(tmp_path / "teacher-cache"))
+    out = tmp_path / "out"
+    cli("bench", "--gpu-check", "--device", "cpu", "--quick", "--output", str(out))
+    assert sorted(p.name for p in out.iterdir()) == ["gpu-results.json", "gpu-results.md"]
+    results = json.loads((out / "gpu-results.json").read_text())
+    assert list(results["benchmarks"]) == GPU_CHECK == ["cache-teacher", "online-kd", "precision"]
+    assert results["settings"]["command"].startswith(f"sad-pipe bench --output {out} --gpu-check --device cpu")
+    assert all("error" not in b and b["figures"] for b in results["benchmarks"].values())
+    names = [f["name"] for f in results["benchmarks"]["precision"]["figures"]]
+    assert "train-student fp16 ÷ fp32: tokens/s" in names and "train-student bf16 ÷ fp32: tokens/s" in names
+    assert "train-student fp16: steps skipped for overflowing gradients" in names
+    assert "## 3. precision" in (out / "gpu-results.md").read_text()

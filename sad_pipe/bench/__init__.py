@@ -6,6 +6,11 @@
     loader         sequences/s the loader delivers ÷ sequences/s the student consumes  (loader.py)
     kd-loss        chunked CE + KD at V = 128k vs the full [N, V] fp32 version          (kd_loss.py)
     fingerprint    hashing the teacher's files: GB/s cold and warm, memo hit, ÷ stage one (fingerprint.py)
+    memory         train-student's projected peak memory ÷ the measured one; the P100 plan   (memory.py)
+    precision      train-student in fp16 (grad scaler) and bf16 vs fp32: tokens/s, memory    (precision.py)
+
+`sad-pipe bench --gpu-check` (`make gpu-check`) runs the ones a GPU has to measure (GPU_CHECK) into
+gpu-results.json / gpu-results.md, on --device cuda by default.
 
 Everything is built offline inside the run (assets.py): corpus, tokenizers, teachers, caches.
 results.json holds every repetition; results.md the tables. Environment:
@@ -44,7 +49,12 @@ BENCHMARKS = {
     "loader": "sad_pipe.bench.loader",
     "kd-loss": "sad_pipe.bench.kd_loss",
     "fingerprint": "sad_pipe.bench.fingerprint",
+    "memory": "sad_pipe.bench.memory",
+    "precision": "sad_pipe.bench.precision",
 }
+# What only a GPU can answer: stage one next to a GPU forward (target <= 1.05), training from the cache vs
+# online KD where the teacher's weights and logits are GPU memory, the fp16 path (a P100's) and bf16.
+GPU_CHECK = ["cache-teacher", "online-kd", "precision"]
 QUIET_ENV = {"TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
@@ -55,7 +65,7 @@ def _threads() -> int:
     return int(value)
 
 
-def _check(device: str, only: list[str], repeats: int) -> list[str]:
+def _check(device: str, only: list[str], repeats: int, gpu_check: bool = False) -> list[str]:
     unknown = [n for n in only if n not in BENCHMARKS]
     problems = [f"--only {n}: unknown benchmark; known: {', '.join(BENCHMARKS)}" for n in unknown]
     if repeats < 1:
@@ -67,19 +77,21 @@ def _check(device: str, only: list[str], repeats: int) -> list[str]:
             problems.append("--device cuda: torch sees no CUDA device")
     if problems:
         raise ConfigError(problems)
-    return [n for n in BENCHMARKS if not only or n in only]
+    selected = GPU_CHECK if gpu_check else list(BENCHMARKS)
+    return [n for n in selected if not only or n in only]
 
 
-def _command(device: str, only: list[str], repeats: int, quick: bool, output: Path) -> str:
-    parts = ["sad-pipe bench", f"--output {output}"]
-    parts += [f"--device {device}"] if device != "cpu" else []
+def _command(device: str, only: list[str], repeats: int, quick: bool, output: Path, gpu_check: bool = False) -> str:
+    parts = ["sad-pipe bench", f"--output {output}"] + (["--gpu-check"] if gpu_check else [])
+    parts += [f"--device {device}"] if device != ("cuda" if gpu_check else "cpu") else []
     parts += [f"--only {n}" for n in only] + ([f"--repeats {repeats}"] if repeats != 3 else []) + (["--quick"] if quick else [])
     return " ".join(parts)
 
 
 def run_benchmarks(output: Path, device: str = "cpu", only: list[str] | None = None, repeats: int = 3,
-                   quick: bool = False) -> str:
-    """Run the selected benchmarks, write output/results.json and output/results.md; return the Markdown."""
+                   quick: bool = False, gpu_check: bool = False) -> str:
+    """Run the selected benchmarks, write output/results.json and output/results.md; return the Markdown.
+    gpu_check: only the GPU_CHECK benchmarks, into output/gpu-results.json and .md (results.* are left alone)."""
     import torch
 
     from sad_pipe.bench import report
@@ -88,7 +100,8 @@ def run_benchmarks(output: Path, device: str = "cpu", only: list[str] | None = N
     from sad_pipe.bench.measure import Context, cpu_seconds
 
     only = list(only or [])
-    names = _check(device, only, repeats)
+    names = _check(device, only, repeats, gpu_check)
+    stem = "gpu-results" if gpu_check else "results"
     threads = _threads()
     if quick and repeats > 1:  # quick checks that the suite runs; its figures are not worth repeating
         _progress(f"--quick: 1 repetition instead of {repeats}")
@@ -113,7 +126,7 @@ def run_benchmarks(output: Path, device: str = "cpu", only: list[str] | None = N
     results = {
         "machine": describe(device),
         "settings": {"device": device, "repeats": repeats, "quick": quick, "only": only, "threads": threads,
-                     "command": _command(device, only, repeats, quick, output),
+                     "command": _command(device, only, repeats, quick, output, gpu_check),
                      "started": datetime.datetime.now().isoformat(timespec="seconds")},
         "benchmarks": {}, "elapsed": {},
     }
@@ -146,8 +159,8 @@ def run_benchmarks(output: Path, device: str = "cpu", only: list[str] | None = N
                                        "load_average_end": load_average()}
         results["settings"]["load_average_end"] = load_average()
         text = report.markdown(results)
-        (output / "results.json").write_text(json.dumps(report.to_json(results), indent=1, default=str) + "\n")
-        (output / "results.md").write_text(text)
+        (output / f"{stem}.json").write_text(json.dumps(report.to_json(results), indent=1, default=str) + "\n")
+        (output / f"{stem}.md").write_text(text)
     finally:
         torch.set_num_threads(saved_threads)
         for k, v in saved_env.items():
@@ -159,9 +172,9 @@ def run_benchmarks(output: Path, device: str = "cpu", only: list[str] | None = N
             shutil.rmtree(work, ignore_errors=True)
             with contextlib.suppress(OSError):  # only if no other run is using it
                 (output / "work").rmdir()
-    _progress(f"total {time.perf_counter() - start:.1f} s; results in {output / 'results.md'}")
+    _progress(f"total {time.perf_counter() - start:.1f} s; results in {output / (stem + '.md')}")
     if failed:
-        raise SadPipeError(f"benchmarks failed: {', '.join(failed)} (details in {output / 'results.md'})")
+        raise SadPipeError(f"benchmarks failed: {', '.join(failed)} (details in {output / (stem + '.md')})")
     return text
 
 

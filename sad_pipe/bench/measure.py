@@ -19,7 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-OPS = {"<=": lambda a, b: a <= b, ">=": lambda a, b: a >= b}
+# "within": a ratio within b of 1 (a projection against what it projects).
+OPS = {"<=": lambda a, b: a <= b, ">=": lambda a, b: a >= b, "within": lambda a, b: abs(a - 1) <= b}
 
 
 @dataclass
@@ -31,7 +32,7 @@ class Figure:
     unit: str  # "x" for ratios; otherwise the unit of an absolute figure (B/token, nats)
     numerator: str
     denominator: str = ""
-    target: tuple[str, float] | None = None  # (">=" | "<=", threshold), compared with the median
+    target: tuple[str, float] | None = None  # (">=" | "<=" | "within", threshold), compared with the median
 
     @property
     def median(self) -> float:

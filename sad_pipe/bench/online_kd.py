@@ -77,7 +77,8 @@ def train_job(args: dict, meter) -> dict:
     lines = [json.loads(line) for line in (Path(cfg.train.output) / "metrics.jsonl").read_text().splitlines() if line.strip()]
     per_step = [r["tokens_per_second"] for r in lines if r["split"] == "train" and r["step"] > 1]
     return {"steady_tokens_per_second": statistics.median(per_step) if per_step else result["tokens_per_second"],
-            **{k: result[k] for k in ("tokens_per_second", "train_seconds", "wall_seconds", "steps", "student_parameters")}}
+            **{k: result[k] for k in ("tokens_per_second", "train_seconds", "wall_seconds", "steps", "skipped_steps",
+                                                     "student_parameters")}}
 
 
 def run(ctx: Context) -> Result:

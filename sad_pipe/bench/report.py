@@ -35,7 +35,8 @@ def summary_rows(results: dict) -> list[list[str]]:
             rows.append([name, "failed: " + bench["error"].splitlines()[0], "-", "-", "-", "-", "-", "-"])
         for f in bench.get("figures_objects", []):
             ratio = f.numerator + (f" ÷ {f.denominator}" if f.denominator else "")
-            target = f"{f.target[0]} {fmt_value(f.target[1], f.unit)}" if f.target else "-"
+            target = "-" if not f.target else (f"1 ± {f.target[1]:g}" if f.target[0] == "within"
+                                               else f"{f.target[0]} {fmt_value(f.target[1], f.unit)}")
             rows.append([name, f.name, fmt_value(f.median, f.unit),
                          f"{fmt_value(min(f.values), f.unit)} - {fmt_value(max(f.values), f.unit)}", str(len(f.values)),
                          ratio, target, _met(f)])

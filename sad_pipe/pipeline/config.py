@@ -164,6 +164,8 @@ class TrainConfig(Section):
     """Where the student trains."""
     use_gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
+    device_memory_gb: float | None = Field(None, gt=0)
+    """Device memory (GiB) the memory plan compares its projected peak with; null: the GPU's own (torch.cuda.get_device_properties), on a CPU the machine's physical memory."""
     eval_steps: int = Field(0, ge=0)
     """Evaluate every N optimizer steps (0: only at the end)."""
     eval_max_sequences: int | None = Field(None, gt=0)

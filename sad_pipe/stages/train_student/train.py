@@ -56,6 +56,7 @@ from sad_pipe.pipeline.models import (
 )
 from sad_pipe.pipeline.progress import progress_bar
 from sad_pipe.stages.train_student.curriculum import active_step_ranges, phase_table, step_weights
+from sad_pipe.stages.train_student.memory import CachedArrays, ModelShape, RunShape, device_memory, project_memory
 from sad_pipe.stages.train_student.losses import (
     TeacherTargets,
     balance_loss,
@@ -163,6 +164,7 @@ class TrainPlan:
     teacher_eval_perplexity: float | None
     seed: int
     student_init: dict  # what the student started from: a pretrained student's content fingerprint, or its config
+    memory: dict  # the projected peak device memory by part (memory.MemoryPlan.to_json)
 
     def lines(self) -> list[str]:
         out = [
@@ -210,6 +212,7 @@ class Setup:
     temperature_index: int | None
     student_vocab: int  # the student's logit rows (its embedding table may be padded)
     tokens: int  # len(tokenizer): rows past it are never a token and get no probability
+    memory_lines: list[str]  # the memory plan, printed before step 1
 
 
 def _precision(name: str, device: torch.device) -> tuple[str, torch.dtype | None]:
@@ -450,6 +453,7 @@ def setup(cfg: Config) -> Setup:
                              buffer_chunks=cfg.train.shuffle_buffer_chunks, rank=rank, world_size=world)
     summary = reader.manifest.get("summary", {})
     teacher_ce = summary.get("teacher_eval_ce")
+    memory = _memory_plan(cfg, reader, core, teacher, precision, device, total, uses_hidden)
     plan = TrainPlan(
         cache=cfg.cache.path, cache_id=cache_id(reader.identity), train_sequences=reader.sequences("train"),
         eval_sequences=reader.sequences("eval"), world_size=world, batch_size=cfg.train.batch_size,
@@ -462,12 +466,31 @@ def setup(cfg: Config) -> Setup:
         student_layers=student_layers, teacher_layers=reader.layers, phases=phase_table(cfg.curriculum, total),
         arrays_read=arrays_read, teacher_eval_ce=teacher_ce,
         teacher_eval_perplexity=math.exp(teacher_ce) if teacher_ce is not None else None,
-        seed=cfg.train.seed, student_init=_student_init(cfg, student),
+        seed=cfg.train.seed, student_init=_student_init(cfg, student), memory=memory.to_json(),
     )
     t_index = reader.temperatures.index(cfg.loss.temperature) if cfg.loss.temperature in reader.temperatures else None
     return Setup(cfg, reader, tokenizer, model, core, teacher, device, autocast_dtype, scaler, optimizer, scheduler,
                  plan, train_set, student_layers, t_index, student.get_output_embeddings().weight.shape[0],
-                 len(tokenizer))
+                 len(tokenizer), memory.lines())
+
+
+def _memory_plan(cfg: Config, reader: CacheReader, core: DistillModel, teacher: nn.Module | None, precision: str,
+                 device: torch.device, total_steps: int, uses_hidden: bool):
+    """Will it fit? The projected peak device memory of this run by part, against the device's memory."""
+    ranges = active_step_ranges(cfg.curriculum, total_steps)
+    kd_form = cfg.loss.kd_form if any(ranges["kd"]) else None
+    groups = {"topk"} & agreement_groups(reader) | (needs("kd", kd_form) if kd_form else set())
+    draws = (reader.identity.get("targets") or {}).get("samples", 0) if {"samples", "tail_samples"} & groups else 0
+    arrays = CachedArrays(top_k=(cfg.loss.kd_top_k or reader.scheme.k) if "topk" in groups else 0,
+                          lse_temperatures=len(reader.temperatures) if "lse" in groups else 0, draws=draws,
+                          hidden_layers=len(reader.layers) if uses_hidden else 0,
+                          teacher_hidden=reader.identity["teacher"]["hidden_size"] if uses_hidden else 0)
+    run = RunShape(batch_size=cfg.train.batch_size, length=reader.max_length, precision=precision,
+                   gradient_checkpointing=cfg.train.use_gradient_checkpointing, chunk_tokens=cfg.loss.chunk_tokens,
+                   kd_form=kd_form, trainable_parameters=sum(p.numel() for p in core.parameters()), arrays=arrays,
+                   teacher=ModelShape.of(teacher) if teacher is not None else None,
+                   teacher_bytes=next(teacher.parameters()).element_size() if teacher is not None else 2)
+    return project_memory(ModelShape.of(core.student), run, *device_memory(device, cfg.train.device_memory_gb))
 
 
 # -- one batch: the loss every caller (train and eval) shares -----------------------------------------------
@@ -743,18 +766,29 @@ def _is_main() -> bool:
     return distributed.rank() == 0
 
 
-def run(cfg: Config) -> dict:
-    """Stage two. Returns the final eval metrics and the run's figures (also saved as result.json)."""
+def run(cfg: Config, dry_run: bool = False) -> dict:
+    """Stage two. Returns the final eval metrics and the run's figures (also saved as result.json).
+    dry_run: set up (every check), print the plan and the memory plan, and stop: nothing trained or written."""
     wall_start = time.perf_counter()
     s = setup(cfg)
+    if _is_main():
+        for line in s.plan.lines():
+            log.info("plan: %s", line)
+        for line in s.memory_lines:
+            log.info("%s", line)
+        if s.plan.memory["fits"] is False:
+            log.warning("warning: the projected peak memory exceeds the device's (see the memory plan above)")
+    if dry_run:
+        memory = s.plan.memory
+        return {"dry_run": True, "total_steps": s.plan.total_steps, "projected_peak_gib": memory["total_bytes"] / 2 ** 30,
+                "device": memory["device"],
+                "device_gib": memory["device_bytes"] / 2 ** 30 if memory["device_bytes"] else None, "fits": memory["fits"]}
     run_dir = Path(cfg.train.output)
     state = _resume(s, run_dir)
     if _is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(run_dir / "config.json")
         (run_dir / "plan.json").write_text(json.dumps(asdict(s.plan), indent=1) + "\n")
-        for line in s.plan.lines():
-            log.info("plan: %s", line)
     metrics = _metrics_writer(run_dir, state.step) if _is_main() else None
     try:
         _train(s, state, run_dir, metrics)
