@@ -118,35 +118,45 @@ def run(ctx: Context) -> Result:
     return res
 
 
-def p100_plan(online: bool) -> dict:
-    """The memory plan of configs/p100-qwen2.5-0.5b.json on a P100 (fp16), from its cache or with the 1.5B teacher
-    online: the same settings, shapes from the Qwen2.5 configs."""
+def p100_plan(teacher_size: str | None, batch_size: int = 2) -> dict:
+    """The memory plan of configs/p100-qwen2.5-0.5b.json on a P100 (fp16), from its cache (teacher_size None) or
+    with a Qwen2.5 teacher online: the same settings, shapes from the Qwen2.5 configs."""
     import torch
 
     from sad_pipe.stages.train_student.memory import CachedArrays, ModelShape, RunShape, project_memory
     from sad_pipe.stages.train_student.router import LayerRouter
 
     student = ModelShape.of_config({"model_type": "qwen2", **QWEN25["0.5B"], "vocab_size": QWEN_VOCAB})
-    teacher = ModelShape.of_config({"model_type": "qwen2", **QWEN25["1.5B"], "vocab_size": QWEN_VOCAB})
-    with torch.device("meta"):  # loss.student_layers [12, 24] matched to cached teacher layers 14 and 28
-        router = LayerRouter(student.hidden, teacher.hidden, 2, 2, learned=True, project=True, fixed_map=[0, 1])
-    trainable = student.parameters + sum(p.numel() for p in router.parameters())
-    run = RunShape(batch_size=2, length=256, precision="fp16", gradient_checkpointing=True, chunk_tokens=1024,
-                   kd_form="full" if online else "tail", trainable_parameters=trainable,
-                   arrays=CachedArrays() if online else CachedArrays(top_k=256, lse_temperatures=2, hidden_layers=2,
-                                                                     teacher_hidden=teacher.hidden),
-                   teacher=teacher if online else None, teacher_bytes=2)
+    cached = ModelShape.of_config({"model_type": "qwen2", **QWEN25["1.5B"], "vocab_size": QWEN_VOCAB})
+    with torch.device("meta"):  # loss.student_layers [12, 24] matched to the cache's teacher layers 14 and 28
+        router = LayerRouter(student.hidden, cached.hidden, 2, 2, learned=True, project=True, fixed_map=[0, 1])
+    online = teacher_size and ModelShape.of_config({"model_type": "qwen2", **QWEN25[teacher_size], "vocab_size": QWEN_VOCAB})
+    run = RunShape(batch_size=batch_size, length=256, precision="fp16", gradient_checkpointing=True, chunk_tokens=1024,
+                   kd_form="full" if online else "tail",
+                   trainable_parameters=student.parameters + sum(p.numel() for p in router.parameters()),
+                   arrays=CachedArrays(top_k=0 if online else 256, lse_temperatures=0 if online else 2, hidden_layers=2,
+                                       teacher_hidden=cached.hidden),  # the curriculum's hidden states come from the cache
+                   teacher=online or None, teacher_bytes=2)
     return project_memory(student, run, "Tesla P100-PCIE-16GB", P100_BYTES).to_json()
 
 
+def largest_fitting_batch(teacher_size: str | None) -> int:
+    batch = 0
+    while batch < 64 and p100_plan(teacher_size, batch + 1)["fits"]:
+        batch += 1
+    return batch
+
+
 def p100_table() -> Table:
-    plans = {"from the cache (tail KD, top-256 + lse, hidden layers 14, 28)": p100_plan(False),
-             "online KD, Qwen2.5-1.5B resident in fp16": p100_plan(True)}
+    variants = {"from the cache (tail KD, top-256 + lse)": None, "online KD, Qwen2.5-1.5B resident (fp16)": "1.5B",
+                "online KD, Qwen2.5-3B resident (fp16)": "3B"}
+    plans = {label: p100_plan(size) for label, size in variants.items()}
     names = list(dict.fromkeys(p["name"] for plan in plans.values() for p in plan["parts"]))
-    table = Table("Memory plan of configs/p100-qwen2.5-0.5b.json on a 16 GB P100 (fp16, batch 2 x 256, checkpointing)",
-                  ["variant", *names, "total (GiB)", "fits in 90% of 15.9 GiB"])
+    table = Table("Memory plan of configs/p100-qwen2.5-0.5b.json on a 16 GB P100 (15.9 GiB; fp16, batch 2 x 256, "
+                  "gradient checkpointing), GiB", ["variant", *names, "total", "fits (90%)", "largest batch that fits"])
     for label, plan in plans.items():
         parts = {p["name"]: p["bytes"] for p in plan["parts"]}
         table.rows.append([label, *(f"{parts[n] / 2**30:.2f}" if n in parts else "-" for n in names),
-                           f"{plan['total_bytes'] / 2**30:.2f}", "yes" if plan["fits"] else "**no**"])
+                           f"{plan['total_bytes'] / 2**30:.2f}", "yes" if plan["fits"] else "**no**",
+                           str(largest_fitting_batch(variants[label]))])
     return table
