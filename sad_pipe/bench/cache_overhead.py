@@ -35,7 +35,9 @@ from sad_pipe.bench.measure import Context, Figure, Result, Table, Timer, interl
 # sequences its 0.2 s of set-up and finalizing alone would be a fifth of the ratio).
 SIZES = {"full": {"sequences": {"small-llm": 48, "demo": 192}, "sequences_per_shard": 16, "sequences_per_chunk": 16},
          "quick": {"sequences": {"small-llm": 16, "demo": 16}, "sequences_per_shard": 8, "sequences_per_chunk": 4}}
-TARGET = 1.10
+# On a CPU the teacher's forward and stage one's codecs share the cores; on a GPU the forward leaves the CPU free
+# for them, and stage one must be within 5% of the forward (make gpu-check).
+TARGET = {"cpu": 1.10, "cuda": 1.05}
 
 
 def _stage_one(config: dict) -> dict:
@@ -132,7 +134,7 @@ def run(ctx: Context) -> Result:
         part = {k: [r[k] for r in runs["stage"]] for k in ("seconds", "runner", "writing", "rest")}
         res.figures.append(Figure(f"cache-teacher wall ÷ bare teacher forward, {name} teacher", paired(part["seconds"], bare_s), "x",
                                   "`cache-teacher` wall time, new cache from documents", "bare teacher forward, same sequences and batch",
-                                  target=("<=", TARGET) if name == TARGET_TEACHER else None))
+                                  target=("<=", TARGET[ctx.device]) if name == TARGET_TEACHER else None))
         res.figures.append(Figure(f"cache-teacher wall ÷ forward with the head in chunks, {name} teacher",
                                   paired(part["seconds"], chunked_s), "x", "`cache-teacher` wall time, new cache from documents",
                                   "the same forward as stage one's (no [B, T, V] logits), nothing else"))

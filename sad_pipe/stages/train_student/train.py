@@ -56,7 +56,6 @@ from sad_pipe.pipeline.models import (
 )
 from sad_pipe.pipeline.progress import progress_bar
 from sad_pipe.stages.train_student.curriculum import active_step_ranges, phase_table, step_weights
-from sad_pipe.stages.train_student.memory import CachedArrays, ModelShape, RunShape, device_memory, project_memory
 from sad_pipe.stages.train_student.losses import (
     TeacherTargets,
     balance_loss,
@@ -65,6 +64,7 @@ from sad_pipe.stages.train_student.losses import (
     relation_loss,
     vocab_losses,
 )
+from sad_pipe.stages.train_student.memory import CachedArrays, ModelShape, RunShape, device_memory, project_memory
 from sad_pipe.stages.train_student.router import LayerRouter
 from sad_pipe.storage.codecs import decode_hidden, decode_samples, decode_topk
 from sad_pipe.storage.manifest import cache_id, hidden_name, target_forms
@@ -771,14 +771,8 @@ def run(cfg: Config, dry_run: bool = False) -> dict:
     dry_run: set up (every check), print the plan and the memory plan, and stop: nothing trained or written."""
     wall_start = time.perf_counter()
     s = setup(cfg)
-    if _is_main():
-        for line in s.plan.lines():
-            log.info("plan: %s", line)
-        for line in s.memory_lines:
-            log.info("%s", line)
-        if s.plan.memory["fits"] is False:
-            log.warning("warning: the projected peak memory exceeds the device's (see the memory plan above)")
     if dry_run:
+        _log_plan(s)
         memory = s.plan.memory
         return {"dry_run": True, "total_steps": s.plan.total_steps, "projected_peak_gib": memory["total_bytes"] / 2 ** 30,
                 "device": memory["device"],
@@ -789,6 +783,7 @@ def run(cfg: Config, dry_run: bool = False) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(run_dir / "config.json")
         (run_dir / "plan.json").write_text(json.dumps(asdict(s.plan), indent=1) + "\n")
+        _log_plan(s)
     metrics = _metrics_writer(run_dir, state.step) if _is_main() else None
     try:
         _train(s, state, run_dir, metrics)
@@ -808,6 +803,18 @@ def run(cfg: Config, dry_run: bool = False) -> dict:
         _finish(s, run_dir, state, final_eval, result)
     distributed.barrier()
     return result
+
+
+def _log_plan(s: Setup) -> None:
+    """The plan and the memory plan, before step 1 (rank 0); a warning when the projection does not fit."""
+    if not _is_main():
+        return
+    for line in s.plan.lines():
+        log.info("plan: %s", line)
+    for line in s.memory_lines:
+        log.info("%s", line)
+    if s.plan.memory["fits"] is False:
+        log.warning("warning: the projected peak memory exceeds the device's (the memory plan above says what would fit)")
 
 
 def _resume(s: Setup, run_dir: Path) -> LoopState:
