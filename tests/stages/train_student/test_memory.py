@@ -18,7 +18,7 @@ from sad_pipe.stages.train_student.memory import (
     project_memory,
 )
 
-from .helpers import error_line, train, train_config
+from .helpers import GPT2_STUDENT, error_line, train, train_config
 
 D, F, H, KV_HEADS, LAYERS, V = 64, 176, 4, 2, 3, 1000
 QWEN_LIKE = {"model_type": "qwen2", "hidden_size": D, "intermediate_size": F, "num_hidden_layers": LAYERS,
@@ -117,3 +117,14 @@ def test_dry_run_prints_the_memory_plan_and_trains_nothing(tmp_path, kd_cache):
 def test_device_memory_gb_must_be_positive(tmp_path, kd_cache):
     line = error_line(train(train_config(tmp_path, kd_cache, train={"device_memory_gb": 0}), "--dry-run", expect=2))
     assert "train.device_memory_gb: Input should be greater than 0" in line
+
+
+def test_dry_run_plans_a_gpt2_student_in_fp16_on_a_cpu(tmp_path, kd_cache):
+    config = train_config(tmp_path, kd_cache, student={"config": GPT2_STUDENT},
+                          train={"precision": "fp16", "device": "cpu", "use_gradient_checkpointing": True})
+    result = cli("train-student", "--config", config, "--dry-run")
+    assert not (tmp_path / "run").exists()
+    lines = [line for line in result.output.splitlines() if line.startswith("memory:")]
+    assert "fits" in lines[0] and "cpu (physical memory)" in lines[0]
+    assert any(line.startswith("memory:   autocast copies") for line in lines)
+    assert any("gradient checkpointing on (off:" in line for line in lines)
