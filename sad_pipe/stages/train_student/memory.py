@@ -4,7 +4,7 @@ compared with the device's memory, and what to change when it does not fit.
 N = batch_size x length tokens per micro-batch, P trainable parameters (student + layer router), c the bytes
 of the compute dtype (4 in fp32, 2 under fp16/bf16 autocast):
     weights          P x 4: fp32 (autocast computes in fp16/bf16 from fp32 master weights)
-    gradients        P x 4
+    gradients        P x 4 (under torchrun, plus DDP's gradient buckets: another P x 4 per process)
     optimizer        P x 8: AdamW's two fp32 states (exp_avg, exp_avg_sq)
     autocast copies  fp16/bf16 only: the decoder layers' matmul weights cast to c = 2 bytes, kept for backward
     activations      what autograd keeps for backward (layer_activation_bytes); with gradient checkpointing
@@ -100,6 +100,7 @@ class RunShape:
     arrays: CachedArrays = field(default_factory=CachedArrays)
     teacher: ModelShape | None = None  # kd_form full: the online teacher
     teacher_bytes: int = 2  # per teacher weight (bf16/fp16; 4 in fp32)
+    ddp: bool = False  # several processes (torchrun): DDP keeps its own gradient buckets
 
 
 def layer_activation_bytes(model: ModelShape, mixed: bool) -> int:
@@ -194,7 +195,8 @@ def memory_parts(student: ModelShape, run: RunShape) -> list[MemoryPart]:
     on = run.gradient_checkpointing
     parts = [
         MemoryPart("weights", 4 * p, f"{p:,} fp32 parameters (student + layer router)"),
-        MemoryPart("gradients", 4 * p, "fp32, one per parameter"),
+        MemoryPart("gradients", 4 * p * (2 if run.ddp else 1),
+                   "fp32, one per parameter" + (", and DDP's buckets of them" if run.ddp else "")),
         MemoryPart("optimizer", 8 * p, "AdamW: exp_avg and exp_avg_sq, fp32"),
     ]
     if mixed:

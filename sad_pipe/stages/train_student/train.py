@@ -489,7 +489,8 @@ def _memory_plan(cfg: Config, reader: CacheReader, core: DistillModel, teacher: 
                    gradient_checkpointing=cfg.train.use_gradient_checkpointing, chunk_tokens=cfg.loss.chunk_tokens,
                    kd_form=kd_form, trainable_parameters=sum(p.numel() for p in core.parameters()), arrays=arrays,
                    teacher=ModelShape.of(teacher) if teacher is not None else None,
-                   teacher_bytes=next(teacher.parameters()).element_size() if teacher is not None else 2)
+                   teacher_bytes=next(teacher.parameters()).element_size() if teacher is not None else 2,
+                   ddp=distributed.active())
     return project_memory(ModelShape.of(core.student), run, *device_memory(device, cfg.train.device_memory_gb))
 
 

@@ -51,6 +51,8 @@ def test_weights_gradients_and_adamw_state_are_4_4_and_8_bytes_per_parameter():
     p = shape.parameters
     assert (parts["weights"], parts["gradients"], parts["optimizer"]) == (4 * p, 4 * p, 8 * p)
     assert "autocast copies" not in parts and "teacher" not in parts
+    ddp = {p.name: p.bytes for p in memory_parts(shape, run_shape(ddp=True))}
+    assert ddp["gradients"] == 8 * p  # DDP's gradient buckets are a second copy
     mixed = {p.name: p.bytes for p in memory_parts(shape, run_shape(precision="fp16"))}
     assert mixed["autocast copies"] == 2 * shape.matmul_parameters
     assert mixed["activations"] < parts["activations"]
