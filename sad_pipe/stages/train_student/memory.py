@@ -11,6 +11,7 @@ of the compute dtype (4 in fp32, 2 under fp16/bf16 autocast):
                      each layer's input, plus one layer recomputed during backward
     loss chunk       the [min(N, chunk_tokens), V] fp32 temporaries of the chunked CE + KD pass
     batch            the micro-batch on the device: ids and masks, the decoded teacher arrays
+    loader buffers   on a CPU only (the device is the host there): the loader's decompressed cache chunks
     teacher          loss.kd_form full only: the teacher's weights and its [N, V] logits
 The peak is taken as their sum: the loss chunk's backward runs while every activation is still alive, and
 the gradients of the weights it reaches first (the LM head and a tied embedding) are made there too; only
@@ -84,6 +85,7 @@ class CachedArrays:
     draws: int = 0  # sampled draws, or hybrid tail draws, per position
     hidden_layers: int = 0
     teacher_hidden: int = 0
+    entry_bytes: int = 3  # one stored top-k entry or draw: its id (uint16, or uint32 past 65,536 ids) + its value
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,7 @@ class RunShape:
     teacher: ModelShape | None = None  # kd_form full: the online teacher
     teacher_bytes: int = 2  # per teacher weight (bf16/fp16; 4 in fp32)
     ddp: bool = False  # several processes (torchrun): DDP keeps its own gradient buckets
+    loader_sequences: int = 0  # on a CPU: the sequences the loader's chunk caches hold (0 on a GPU: host memory)
 
 
 def layer_activation_bytes(model: ModelShape, mixed: bool) -> int:
@@ -137,6 +140,13 @@ def batch_bytes(arrays: CachedArrays, tokens: int) -> int:
     per_token += arrays.draws * (8 + 8 + 4 + 1)
     per_token += arrays.hidden_layers * arrays.teacher_hidden * (4 + 2)
     return per_token * tokens
+
+
+def loader_buffer_bytes(arrays: CachedArrays, length: int, sequences: int) -> int:
+    """Host memory of the loader's decompressed chunks as stored: ids, positions, loss mask, the teacher's
+    log-prob of the target, the top-k entries and draws, lse, bf16 hidden states."""
+    per_token = 4 + 4 + 1 + 4 + (arrays.top_k + arrays.draws) * arrays.entry_bytes + arrays.lse_temperatures * 4
+    return (per_token + arrays.hidden_layers * arrays.teacher_hidden * 2) * length * sequences
 
 
 def loss_chunk_bytes(model: ModelShape, tokens: int, chunk_tokens: int, kd_form: str | None) -> int:
@@ -211,6 +221,10 @@ def memory_parts(student: ModelShape, run: RunShape) -> list[MemoryPart]:
                    f"{'CE + ' + run.kd_form + ' KD' if run.kd_form else 'CE'} (loss.chunk_tokens {run.chunk_tokens})"),
         MemoryPart("batch", batch_bytes(run.arrays, tokens), "the micro-batch and its decoded teacher arrays"),
     ]
+    if run.loader_sequences:
+        parts.append(MemoryPart("loader buffers", loader_buffer_bytes(run.arrays, run.length, run.loader_sequences),
+                                f"the loader's decompressed cache chunks, {run.loader_sequences} sequences (host memory: "
+                                "on a CPU the device's)"))
     if run.teacher is not None:
         t = run.teacher
         parts.append(MemoryPart("teacher", t.parameters * run.teacher_bytes + tokens * t.vocab * (run.teacher_bytes + 8),

@@ -484,13 +484,18 @@ def _memory_plan(cfg: Config, reader: CacheReader, core: DistillModel, teacher: 
     arrays = CachedArrays(top_k=(cfg.loss.kd_top_k or reader.scheme.k) if "topk" in groups else 0,
                           lse_temperatures=len(reader.temperatures) if "lse" in groups else 0, draws=draws,
                           hidden_layers=len(reader.layers) if uses_hidden else 0,
-                          teacher_hidden=reader.identity["teacher"]["hidden_size"] if uses_hidden else 0)
+                          teacher_hidden=reader.identity["teacher"]["hidden_size"] if uses_hidden else 0,
+                          entry_bytes=reader.scheme.id_dtype.itemsize + reader.scheme.value_dtype.itemsize
+                          if reader.has_teacher else 3)
+    # Each loader process (the main one, or each worker) keeps up to shuffle_buffer_chunks + 2 chunks decompressed.
+    loader_sequences = ((cfg.train.shuffle_buffer_chunks + 2) * reader.chunk_rows * max(1, cfg.train.num_workers)
+                        if device.type == "cpu" else 0)
     run = RunShape(batch_size=cfg.train.batch_size, length=reader.max_length, precision=precision,
                    gradient_checkpointing=cfg.train.use_gradient_checkpointing, chunk_tokens=cfg.loss.chunk_tokens,
                    kd_form=kd_form, trainable_parameters=sum(p.numel() for p in core.parameters()), arrays=arrays,
                    teacher=ModelShape.of(teacher) if teacher is not None else None,
                    teacher_bytes=next(teacher.parameters()).element_size() if teacher is not None else 2,
-                   ddp=distributed.active())
+                   ddp=distributed.active(), loader_sequences=loader_sequences)
     return project_memory(ModelShape.of(core.student), run, *device_memory(device, cfg.train.device_memory_gb))
 
 

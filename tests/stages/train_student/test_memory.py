@@ -111,7 +111,7 @@ def test_dry_run_prints_the_memory_plan_and_trains_nothing(tmp_path, kd_cache):
     assert out["dry_run"] is True and out["fits"] is False and out["device"] == "train.device_memory_gb"
     assert out["projected_peak_gib"] > 0.001
     lines = result.output.splitlines()
-    for part in ("weights", "gradients", "optimizer", "activations", "loss chunk", "batch"):
+    for part in ("weights", "gradients", "optimizer", "activations", "loss chunk", "batch", "loader buffers"):
         assert any(line.startswith(f"memory:   {part}") for line in lines), part
     assert any("to fit: set train.use_gradient_checkpointing true" in line for line in lines)
 
