@@ -149,6 +149,7 @@ def test_run_directory_holds_config_plan_metrics_plots_and_final_student(schedul
     assert math.isfinite(result["eval/ce"]) and result["teacher/eval_ce"] == plan["teacher_eval_ce"]
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
         assert (run / "final" / name).exists()
+    assert (run / "router.safetensors").exists() and not (run / "final" / "router.safetensors").exists()
 
 
 # -- NaN: skipped, counted, logged with the batch's ids; N in a row abort -----------------------------------
@@ -245,8 +246,8 @@ def test_stop_and_resume_equals_the_straight_run(tmp_path, kd_cache, straight_ru
     train(config)
 
     assert identical(weights(tmp_path / "run"), weights(straight_run))
-    router = "router.safetensors"  # the learned layer router resumes too
-    assert identical(weights(tmp_path / "run", name=router), weights(straight_run, name=router))
+    router = "router.safetensors"  # the learned layer router resumes too (saved beside final/)
+    assert identical(weights(tmp_path / "run", ".", router), weights(straight_run, ".", router))
     for split in ("train", "eval"):
         assert comparable(metrics(tmp_path / "run", split)) == comparable(metrics(straight_run, split))
 
