@@ -1,0 +1,49 @@
+"""DistillTrainer (transformers.Trainer) against train-student at the same settings: the same losses step by step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import save_llama
+from stages.train_student.helpers import metrics, train, train_config
+from transformers import AutoModelForCausalLM, TrainingArguments
+
+from sad_pipe import DistillTrainer, open_cache
+
+STEPS = 20
+# train-student's settings, spelled for both: AdamW betas (0.9, 0.95), eps 1e-8, weight decay 0.01 on matrices
+# only (both leave norms and biases out), cosine decay with no warm-up (the two differ only in warm-up: HF's first
+# warm-up step has lr 0, train-student's peak / warmup), clipping at 1.0, one micro-batch per step.
+LR, BATCH, DECAY, CLIP, SEED = 3e-3, 4, 0.01, 1.0, 0
+WEIGHTS = {"kd": 0.7, "ce": 0.3, "feature": 0.0, "relation": 0.0}
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_twenty_trainer_steps_give_train_students_losses(tmp_path, kd_cache, temperature):
+    student = save_llama(str(tmp_path / "student"), 512, hidden=32, layers=2, seed=1)
+    train(train_config(tmp_path, kd_cache, student={"model": student},
+                       train={"max_steps": STEPS, "batch_size": BATCH, "learning_rate": LR, "warmup_steps": 0,
+                              "lr_schedule": "cosine", "weight_decay": DECAY, "max_grad_norm": CLIP, "seed": SEED},
+                       loss={"kd_form": "tail", "temperature": temperature},
+                       curriculum={"use_curriculum": False, "weights": WEIGHTS}))
+    theirs = metrics(tmp_path / "run")
+
+    args = TrainingArguments(output_dir=str(tmp_path / "trainer"), max_steps=STEPS, per_device_train_batch_size=BATCH,
+                             learning_rate=LR, warmup_steps=0, lr_scheduler_type="cosine", weight_decay=DECAY,
+                             adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8, optim="adamw_torch",
+                             max_grad_norm=CLIP, seed=SEED, logging_steps=1, save_strategy="no", report_to=[],
+                             use_cpu=True, disable_tqdm=True, dataloader_drop_last=True)
+    trainer = DistillTrainer(model=AutoModelForCausalLM.from_pretrained(student), args=args, cache=open_cache(kd_cache),
+                             kd_form="tail", temperature=temperature, kd_weight=WEIGHTS["kd"], ce_weight=WEIGHTS["ce"])
+    trainer.train()
+    ours = [row for row in trainer.state.log_history if "kd" in row]
+
+    assert [r["step"] for r in ours] == [r["step"] for r in theirs] == list(range(1, STEPS + 1))
+    assert [r["learning_rate"] for r in ours] == pytest.approx([r["lr"] for r in theirs], rel=1e-12)
+    # Equal to the last bit on the development machine (CPU, fp32): the same batches, the same float operations in
+    # the same order. The tolerance only leaves room for a BLAS that picks another kernel for [B, T, D] than for
+    # [B*T, D] (the Trainer's model applies its head to the first, train-student to the second).
+    for a, b in zip(ours, theirs):
+        for name in ("kd", "ce", "agreement"):
+            assert a[name] == pytest.approx(b[name if name == "agreement" else f"loss/{name}"], rel=1e-6), (a["step"], name)
+    assert theirs[-1]["loss/ce"] < theirs[0]["loss/ce"] - 0.2  # it trains: the comparison covers a moving student
