@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import save_llama
@@ -47,3 +49,18 @@ def test_twenty_trainer_steps_give_train_students_losses(tmp_path, kd_cache, tem
         for name in ("kd", "ce", "agreement"):
             assert a[name] == pytest.approx(b[name if name == "agreement" else f"loss/{name}"], rel=1e-6), (a["step"], name)
     assert theirs[-1]["loss/ce"] < theirs[0]["loss/ce"] - 0.2  # it trains: the comparison covers a moving student
+
+
+def test_the_example_script_trains_and_saves_a_loadable_student(tmp_path, kd_cache):
+    import runpy
+
+    example = runpy.run_path(str(Path(__file__).resolve().parent.parent / "examples" / "train_with_hf_trainer.py"))
+    student = save_llama(str(tmp_path / "student"), 512, seed=1)
+    example["main"](["--cache", kd_cache, "--student", student, "--output_dir", str(tmp_path / "out"), "--max_steps", "3",
+                     "--per_device_train_batch_size", "2", "--temperature", "2.0", "--report_to", "none", "--use_cpu",
+                     "--save_strategy", "no", "--disable_tqdm", "true"])
+    final = tmp_path / "out" / "final"
+    trained = AutoModelForCausalLM.from_pretrained(final)
+    before = AutoModelForCausalLM.from_pretrained(student)
+    assert not torch.equal(trained.model.norm.weight, before.model.norm.weight)  # it trained
+    assert (final / "tokenizer.json").exists()
