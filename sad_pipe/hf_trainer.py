@@ -42,26 +42,22 @@ class TrainingOrder(Sampler):
         return iter(self.cache.training_order(self.split, seed=self.seed, epoch=self.epoch))
 
 
-class DistillTrainer(Trainer):
-    """A `Trainer` whose loss is KD on the cache plus CE. `cache`: an opened cache; its train split is the train
-    set unless `train_dataset` is given (then it must yield the same fields, e.g. another `cache.dataset`)."""
+class CachedKDLoss:
+    """The loss, for any `Trainer` subclass (DistillTrainer below; TRL's SFTTrainer, see the README):
+    kd_weight * KD + ce_weight * CE on batches of `cache.dataset(..., topk=True)` examples (or its `to_hf()`)."""
 
     # compute_loss returns a mean over one micro-batch: the Trainer divides it by the accumulation steps itself
     loss_is_scaled_for_ga = False
 
     def __init__(self, *args, cache: Cache, kd_form: str = "tail", temperature: float = 1.0, kd_weight: float = 0.7,
-                 ce_weight: float = 0.3, top_k: int | None = None, **kwargs):
+                 ce_weight: float = 0.3, **kwargs):
         self.cache, self.kd_form, self.temperature = cache, kd_form, temperature
         self.kd_weight, self.ce_weight = kd_weight, ce_weight
-        kwargs.setdefault("train_dataset", cache.dataset("train", topk=True, temperature=temperature, top_k=top_k))
         kwargs.setdefault("data_collator", collate)
         super().__init__(*args, **kwargs)
         self.args.remove_unused_columns = False  # the teacher fields are no arguments of the model's forward
         self._sums: dict[str, float] = {}
         self._count = 0
-
-    def _get_train_sampler(self, train_dataset=None):
-        return TrainingOrder(self.cache, "train", self.args.seed)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"], use_cache=False)
@@ -80,3 +76,14 @@ class DistillTrainer(Trainer):
             self._sums, self._count = {}, 0
         super().log(logs, start_time)
 
+
+class DistillTrainer(CachedKDLoss, Trainer):
+    """A `Trainer` whose loss is KD on the cache plus CE. `cache`: an opened cache; its train split (at
+    `temperature`, the top `top_k`) is the train set unless `train_dataset` is given."""
+
+    def __init__(self, *args, cache: Cache, temperature: float = 1.0, top_k: int | None = None, **kwargs):
+        kwargs.setdefault("train_dataset", cache.dataset("train", topk=True, temperature=temperature, top_k=top_k))
+        super().__init__(*args, cache=cache, temperature=temperature, **kwargs)
+
+    def _get_train_sampler(self, train_dataset=None):
+        return TrainingOrder(self.cache, "train", self.args.seed)
