@@ -64,3 +64,33 @@ def test_the_example_script_trains_and_saves_a_loadable_student(tmp_path, kd_cac
     before = AutoModelForCausalLM.from_pretrained(student)
     assert not torch.equal(trained.model.norm.weight, before.model.norm.weight)  # it trained
     assert (final / "tokenizer.json").exists()
+
+
+def test_trls_sft_trainer_takes_the_loss_and_the_hf_view(tmp_path, kd_cache):
+    trl = pytest.importorskip("trl", reason="trl not installed (pip install -e \".[trl]\")")
+    from sad_pipe import collate, kd_losses
+    from sad_pipe.hf_trainer import CachedKDLoss
+
+    class CachedSFTTrainer(CachedKDLoss, trl.SFTTrainer):
+        pass
+
+    cache = open_cache(kd_cache)
+    train_set = cache.dataset("train", topk=True, temperature=2.0)
+    student = save_llama(str(tmp_path / "student"), 512, seed=1)
+    args = trl.SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=3, per_device_train_batch_size=BATCH, learning_rate=LR,
+                         logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
+                         bf16=False, activation_checkpointing=False,  # TRL's defaults are on; fp32 here, to compare
+                         dataset_kwargs={"skip_prepare_dataset": True})  # the cache is tokenized and packed already
+    trainer = CachedSFTTrainer(model=AutoModelForCausalLM.from_pretrained(student), args=args, cache=cache,
+                               train_dataset=train_set.to_hf(), processing_class=cache.tokenizer(), temperature=2.0)
+    trainer.train()
+    logged = [row for row in trainer.state.log_history if "kd" in row]
+    assert [r["step"] for r in logged] == [1, 2, 3]
+    # step 1's loss is the untrained student's on the HF view's first micro-batch: sequences 0..BATCH-1
+    batch = collate([train_set[i] for i in range(BATCH)])
+    with torch.no_grad():
+        logits = AutoModelForCausalLM.from_pretrained(student)(input_ids=batch["input_ids"],
+                                                               position_ids=batch["position_ids"]).logits
+    expected = kd_losses(batch, logits=logits, temperature=2.0, vocab_limit=cache.vocab_size)
+    assert logged[0]["kd"] == pytest.approx(float(expected["kd"]), rel=1e-6)
+    assert logged[0]["ce"] == pytest.approx(float(expected["ce"]), rel=1e-6)
