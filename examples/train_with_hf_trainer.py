@@ -33,7 +33,7 @@ class DistillArguments:
     top_k: int | None = field(default=None, metadata={"help": "use the teacher's top k' <= cached k"})
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> DistillTrainer:
     distill, args = HfArgumentParser((DistillArguments, TrainingArguments)).parse_args_into_dataclasses(argv)
     cache = open_cache(distill.cache)
     student = AutoModelForCausalLM.from_pretrained(distill.student)
@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     trainer.save_model(f"{args.output_dir}/final")
     if trainer.is_world_process_zero():
         cache.tokenizer().save_pretrained(f"{args.output_dir}/final")
+    return trainer
 
 
 if __name__ == "__main__":

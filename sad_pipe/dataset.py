@@ -194,7 +194,7 @@ class CacheExamples(Dataset):
         if self.topk:
             k = self.top_k or self.reader.scheme.k
             features.update(topk_ids=datasets.Array2D((t, k), "int64"), topk_logprobs=datasets.Array2D((t, k), "float32"),
-                            tail_mass=datasets.List(datasets.Value("float32"), length=t), temperature=datasets.Value("float32"))
+                            tail_mass=datasets.List(datasets.Value("float32"), length=t), temperature=datasets.Value("float64"))
         for layer in self.layers:
             width = self.reader.specs[hidden_name(layer)].per_token[0]
             features[hidden_name(layer)] = datasets.Array2D((t, width), "float32")
