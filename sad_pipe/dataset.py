@@ -88,11 +88,11 @@ class Cache:
         return self.identity["tokenizer"]["size"]
 
     def tokenizer(self):
-        """The teacher's tokenizer, as the cache stores it (never runs code from the cache)."""
-        from sad_pipe.pipeline.models import load_tokenizer
+        """The teacher's tokenizer, as the cache stores it, checked against its recorded hashes like train-student
+        checks it (and never running code from the cache)."""
+        from sad_pipe.stages.train_student.train import cache_tokenizer
 
-        with self.reader.cache.local_dir("tokenizer") as path:  # a temp copy when the cache is on an object store
-            return load_tokenizer(path)
+        return cache_tokenizer(self.reader)
 
     def dataset(self, split: str = "train", *, topk: bool = False, temperature: float = 1.0, top_k: int | None = None,
                 layers: list[int] = ()) -> CacheExamples:

@@ -145,3 +145,18 @@ def test_a_damaged_chunk_raises_the_same_error_as_train_students_reader(kd_cache
     with pytest.raises(CacheError) as hf:
         list(train.to_hf())
     assert str(hf.value) == str(theirs.value)
+
+
+def test_the_tokenizer_is_checked_like_train_student_checks_it(kd_cache, tmp_path):
+    from stages.train_student.helpers import error_line, train, train_config
+
+    assert len(open_cache(kd_cache).tokenizer()) == open_cache(kd_cache).vocab_size
+    url = str(tmp_path / "cache")
+    shutil.copytree(kd_cache, url)
+    path = os.path.join(url, "tokenizer", "tokenizer.json")
+    os.truncate(path, os.path.getsize(path) - 1)
+    with pytest.raises(CacheError) as ours:
+        open_cache(url).tokenizer()
+    assert "tokenizer/tokenizer.json" in str(ours.value)
+    theirs = error_line(train(train_config(tmp_path, url), expect=1))
+    assert theirs == f"error: {ours.value}"

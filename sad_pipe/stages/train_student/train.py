@@ -400,18 +400,24 @@ def _online_teacher(cfg: Config, reader: CacheReader, tokenizer, device: torch.d
     return teacher
 
 
+def cache_tokenizer(reader: CacheReader):
+    """The cache's tokenizer, after checking it and config.json against the sizes and hashes plan.json records."""
+    damaged = check_plan_files(reader.cache, reader.plan)  # the tokenizer and config.json: small, checked whole
+    if damaged:
+        raise CacheError(f"{reader.url}: {damaged[0]}; run sad-pipe verify --full {reader.url}")
+    with reader.cache.local_dir("tokenizer") as tokenizer_dir:  # a temp copy if the cache is on an object store
+        tokenizer = load_tokenizer(tokenizer_dir)
+    if tokenizer_fingerprint(tokenizer) != reader.identity["tokenizer"]["sha256"]:
+        raise ModelError(f"{reader.url}/tokenizer does not match the fingerprint in the manifest; the cache is damaged")
+    return tokenizer
+
+
 def setup(cfg: Config) -> Setup:
     cfg.require("cache.path", "train.output")
     if os.path.isfile(cfg.train.output):  # refused before any work, like cache.path
         raise ConfigError(f"train.output {cfg.train.output}: is a file, expected a directory")
     reader = CacheReader(cfg.cache.path)
-    damaged = check_plan_files(reader.cache, reader.plan)  # the tokenizer and config.json: small, checked whole
-    if damaged:
-        raise CacheError(f"{cfg.cache.path}: {damaged[0]}; run sad-pipe verify --full {cfg.cache.path}")
-    with reader.cache.local_dir("tokenizer") as tokenizer_dir:  # a temp copy if the cache is on an object store
-        tokenizer = load_tokenizer(tokenizer_dir)
-    if tokenizer_fingerprint(tokenizer) != reader.identity["tokenizer"]["sha256"]:
-        raise ModelError(f"{cfg.cache.path}/tokenizer does not match the fingerprint in the manifest; the cache is damaged")
+    tokenizer = cache_tokenizer(reader)
     device = resolve_device(cfg.train.device)
     precision, autocast_dtype = _precision(cfg.train.precision, device)
     rank, world = distributed.rank(), distributed.world_size()
