@@ -10,8 +10,11 @@ accumulation steps, as train-student does. The train set is `cache.dataset("trai
 train-student's order (`Cache.training_order`, seeded with `args.seed`): the same sequences in the same micro-
 batches, each compressed chunk decompressed once per shuffle buffer. The student runs its whole forward (the
 logits [B, T, V] exist, as in any HF training), so a sharded model (FSDP, DeepSpeed ZeRO-3) needs nothing
-special. What train-student adds and this does not: the curriculum, feature/relation losses with the layer
-router, the NaN policy, sample-exact resume on any number of ranks.
+special. Under several processes each rank's micro-batch mean enters DDP's (or FSDP's) gradient average with
+the same weight; train-student divides every rank's sum by the global count of trained positions instead, so
+the two agree exactly only where the ranks' micro-batches hold equally many. What train-student adds and this
+does not: the curriculum, feature/relation losses with the layer router, the NaN policy, sample-exact resume
+on any number of ranks.
 
 Logged next to the Trainer's `loss`: `kd`, `ce` and `agreement` (top-1 agreement with the teacher), means over
 the micro-batches since the last log on this process, unrounded.
