@@ -1,7 +1,7 @@
 """Train a student from a sad-pipe cache with transformers' Trainer: the same KD + CE loss as train-student.
 
 One process:
-    python examples/train_with_hf_trainer.py --cache runs/demo/cache --student runs/demo/small/subset/final \
+    python examples/train_with_hf_trainer.py --cache runs/demo/cache --student runs/demo/students/small/subset/final \
         --output_dir runs/hf-student --max_steps 200 --per_device_train_batch_size 8 --learning_rate 3e-4
 
 A student too big for one GPU: the same script under accelerate, sharded with FSDP (or DeepSpeed ZeRO-3):
