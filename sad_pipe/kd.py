@@ -30,7 +30,7 @@ def teacher_targets(batch: dict[str, torch.Tensor], student_vocab: int, temperat
     ids = batch["topk_ids"].flatten(0, 1)
     logprobs = batch["topk_logprobs"].flatten(0, 1).float()
     return TeacherTargets(ids=ids.clamp_max(student_vocab - 1), valid=ids < student_vocab,
-                          logits=logprobs if temperature == 1.0 else logprobs * temperature,
+                          logits=logprobs * temperature,
                           lse=logprobs.new_zeros(logprobs.shape[0]))
 
 
