@@ -59,6 +59,9 @@ class CachedKDLoss:
         kwargs.setdefault("data_collator", collate)
         super().__init__(*args, **kwargs)
         self.args.remove_unused_columns = False  # the teacher fields are no arguments of the model's forward
+        # Not the model's own loss, so not its loss kwargs: transformers older than loss_is_scaled_for_ga read this
+        # to decide whether to divide by the accumulation steps.
+        self.model_accepts_loss_kwargs = False
         self._sums: dict[str, float] = {}
         self._count = 0
 

@@ -15,22 +15,25 @@ from sad_pipe import DistillTrainer, open_cache
 STEPS = 20
 # train-student's settings, spelled for both: AdamW betas (0.9, 0.95), eps 1e-8, weight decay 0.01 on matrices
 # only (both leave norms and biases out), cosine decay with no warm-up (the two differ only in warm-up: HF's first
-# warm-up step has lr 0, train-student's peak / warmup), clipping at 1.0, one micro-batch per step.
+# warm-up step has lr 0, train-student's peak / warmup), clipping at 1.0; one or two micro-batches per step (both
+# average the micro-batch means; the logged figures too).
 LR, BATCH, DECAY, CLIP, SEED = 3e-3, 4, 0.01, 1.0, 0
 WEIGHTS = {"kd": 0.7, "ce": 0.3, "feature": 0.0, "relation": 0.0}
 
 
-@pytest.mark.parametrize("temperature", [1.0, 2.0])
-def test_twenty_trainer_steps_give_train_students_losses(tmp_path, kd_cache, temperature):
+@pytest.mark.parametrize(("temperature", "accumulation"), [(1.0, 1), (2.0, 2)])
+def test_twenty_trainer_steps_give_train_students_losses(tmp_path, kd_cache, temperature, accumulation):
     student = save_llama(str(tmp_path / "student"), 512, hidden=32, layers=2, seed=1)
     train(train_config(tmp_path, kd_cache, student={"model": student},
-                       train={"max_steps": STEPS, "batch_size": BATCH, "learning_rate": LR, "warmup_steps": 0,
+                       train={"max_steps": STEPS, "batch_size": BATCH, "gradient_accumulation_steps": accumulation,
+                              "learning_rate": LR, "warmup_steps": 0,
                               "lr_schedule": "cosine", "weight_decay": DECAY, "max_grad_norm": CLIP, "seed": SEED},
                        loss={"kd_form": "tail", "temperature": temperature},
                        curriculum={"use_curriculum": False, "weights": WEIGHTS}))
     theirs = metrics(tmp_path / "run")
 
     args = TrainingArguments(output_dir=str(tmp_path / "trainer"), max_steps=STEPS, per_device_train_batch_size=BATCH,
+                             gradient_accumulation_steps=accumulation,
                              learning_rate=LR, warmup_steps=0, lr_scheduler_type="cosine", weight_decay=DECAY,
                              adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8, optim="adamw_torch",
                              max_grad_norm=CLIP, seed=SEED, logging_steps=1, save_strategy="no", report_to=[],
