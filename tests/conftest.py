@@ -173,3 +173,20 @@ def cache_config(tmp_path, assets, teacher_name: str | None = "llama", **section
     path = tmp_path / "cache.json"
     path.write_text(json.dumps(cfg))
     return str(path)
+
+
+def build_cache(root, assets, teacher_layers: list[int], **sections) -> str:
+    """A real cache of the tiny Llama teacher through `sad-pipe cache-teacher`; returns its path."""
+    config = cache_config(root, assets, teacher={"layers": teacher_layers}, **sections)
+    cli("-q", "cache-teacher", "--config", config)
+    with open(config) as f:
+        return json.load(f)["cache"]["path"]
+
+
+@pytest.fixture(scope="session")
+def kd_cache(tmp_path_factory, assets) -> str:
+    """Top-16 + lse at T=1,2 + hidden states of teacher layers 1 and 2 (width 32). Five documents packed at 32
+    tokens give ~230 train sequences."""
+    root = tmp_path_factory.mktemp("kd_cache")
+    return build_cache(root, assets, [1, 2], data={"max_documents": 5, "max_length": 32, "eval_fraction": 0.2},
+                       cache={"top_k": 16, "temperatures": [1.0, 2.0], "sequences_per_shard": 32, "sequences_per_chunk": 8})

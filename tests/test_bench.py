@@ -58,8 +58,8 @@ def test_kd_loss_benchmark_compares_equal_results(quick_run):
 
 
 def test_storage_figures_come_from_profiled_teachers_on_every_index_range(quick_run):
-    """Each codec row names the teacher it came from and its profile; the wide range is Qwen2.5's 151,936 ids."""
-    from sad_pipe.bench.storage import SIZES, WIDE_VOCAB
+    """Each codec row names the teacher it came from and its profile; ids are also spread over 32,000 and Qwen2.5's 151,936."""
+    from sad_pipe.bench.storage import SIZES, TARGET_VOCAB, WIDE_VOCAB
 
     out, _ = quick_run
     bench = json.loads((out / "results.json").read_text())["benchmarks"]["storage"]
@@ -69,12 +69,12 @@ def test_storage_figures_come_from_profiled_teachers_on_every_index_range(quick_
         masses = list(t["profile"]["mass_T1"].values())
         assert masses == sorted(masses) and all(0 <= m <= 1 for m in masses)
     ranges = {(row["range"], row["vocab"]) for row in bench["data"]["topk"]}
-    assert ranges == {(f"V={r.vocab}", r.vocab) for r in recipes} | {(f"V={r.vocab} ids -> [0, 151,936)", 151936)
-                                                                       for r in recipes}
+    spread_ranges = {(f"V={r.vocab} ids -> [0, {wide:,})", wide) for r in recipes for wide in (TARGET_VOCAB, WIDE_VOCAB)}
+    assert ranges == {(f"V={r.vocab}", r.vocab) for r in recipes} | spread_ranges
     for row in bench["data"]["topk"]:
         assert row["teacher_profile"] == bench["data"]["teachers"][str(row["teacher_vocab"])]["profile"]
     sized = [f["name"] for f in bench["figures"] if "bytes/token" in f["name"] and "top-k" in f["name"]]
-    assert len(sized) == 2 * 2 * len(recipes)  # default and fp16, own and wide range, per teacher
+    assert len(sized) == 2 * 3 * len(recipes)  # default and fp16, own range and two spread ones, per teacher
     assert all("top-16/64/256 mass" in name and "nats" in name for name in sized)
 
 

@@ -10,7 +10,8 @@ same batch size under inference_mode:
   chunked head     the body, then the output layer chunk by chunk into one reused buffer, as stage one
                    computes it: the forward without [B, T, V] logits, so stage one ÷ this isolates what
                    top-k, logsumexp, encoding and writing add.
-The runs are interleaved within each repetition; ratios are paired per repetition. Stage one's own
+A fourth run is stage one also drawing sampled and hybrid targets (cache.targets [topk, sampled, hybrid]):
+its ratio to the top-k-only run is the sampling overhead. The runs are interleaved within each repetition; ratios are paired per repetition. Stage one's own
 timers split its wall time into the teacher runner, the shard writing and the rest (set-up, finalize).
 
 Both run with every core (the issue's setting: the teacher and the codecs share the machine), not
@@ -63,8 +64,8 @@ def _measure(ctx: Context, teacher_path: Path, name: str, size: str) -> tuple[di
         shutil.rmtree(path, ignore_errors=True)
         return path
 
-    def config(path: Path) -> dict:
-        return assets.cache_config(path, docs, teacher=teacher_path, **shard_sizes)
+    def config(path: Path, **cache) -> dict:
+        return assets.cache_config(path, docs, teacher=teacher_path, **shard_sizes, **cache)
 
     warm = new_cache()
     _stage_one(config(warm))
@@ -101,16 +102,21 @@ def _measure(ctx: Context, teacher_path: Path, name: str, size: str) -> tuple[di
                     torch.mm(body[r:r + rows], head.t(), out=logits[:len(body[r:r + rows])])
         return {"seconds": t.seconds}
 
-    def stage() -> dict:
+    def stage(**cache) -> dict:
         path = new_cache()
         with Timer(ctx.device) as t:
-            summary = _stage_one(config(path))
+            summary = _stage_one(config(path, **cache))
         shutil.rmtree(path, ignore_errors=True)
         return {"seconds": t.seconds, "runner": summary["teacher_forward_seconds"],
                 "writing": summary["fill_seconds"] - summary["teacher_forward_seconds"],
                 "rest": t.seconds - summary["fill_seconds"]}
 
-    return interleaved(ctx.repeats, {"bare": bare, "chunked": chunked_head, "stage": stage}), facts
+    return interleaved(ctx.repeats, {"bare": bare, "chunked": chunked_head, "stage": stage,
+                                     "stage_drawn": lambda: stage(**DRAWN_TARGETS)}), facts
+
+
+# The sampling overhead: the same run also drawing sampled and hybrid targets (the demo cache's forms).
+DRAWN_TARGETS = {"targets": ["topk", "sampled", "hybrid"], "samples": 32}
 
 
 TARGET_TEACHER = "SmolLM2-135M-shaped"
@@ -138,6 +144,11 @@ def run(ctx: Context) -> Result:
         res.figures.append(Figure(f"cache-teacher wall ÷ forward with the head in chunks, {name} teacher",
                                   paired(part["seconds"], chunked_s), "x", "`cache-teacher` wall time, new cache from documents",
                                   "the same forward as stage one's (no [B, T, V] logits), nothing else"))
+        drawn_s = [r["seconds"] for r in runs["stage_drawn"]]
+        res.figures.append(Figure(f"cache-teacher with sampled + hybrid targets ÷ top-k only, {name} teacher",
+                                  paired(drawn_s, part["seconds"]), "x",
+                                  f"`cache-teacher` wall time, cache.targets {DRAWN_TARGETS['targets']}, "
+                                  f"{DRAWN_TARGETS['samples']} draws each", "the same run with cache.targets [topk]"))
         table = Table(f"{name} teacher ({facts['parameters'] / 1e6:.1f} M parameters): cache-teacher vs bare forward "
                       "(the parts of stage one from its own timers)", ["run", "seconds", "tokens/s", "÷ bare forward"])
         rows = [("bare teacher forward", bare_s),
@@ -145,7 +156,8 @@ def run(ctx: Context) -> Result:
                 ("cache-teacher, whole run", part["seconds"]),
                 ("- teacher runner: forward + top-k/lse + encode", part["runner"]),
                 ("- compress + write + commit (what the runner did not hide)", part["writing"]),
-                ("- the rest: load teacher, tokenize + pack, plan, finalize", part["rest"])]
+                ("- the rest: load teacher, tokenize + pack, plan, finalize", part["rest"]),
+                ("cache-teacher + sampled and hybrid draws, whole run", drawn_s)]
         for label, secs in rows:
             rate = spread([facts["tokens"] / s for s in secs], "{:,.0f}") if label[0] != "-" else ""
             table.rows.append([label, spread(secs), rate, spread(paired(secs, bare_s))])

@@ -186,6 +186,10 @@ class TrainConfig(Section):
     """Continue from the newest complete checkpoint in `output` if there is one."""
     log_steps: int = Field(1, gt=0)
     """Write a metrics line every N optimizer steps."""
+    report_to: list[Literal["jsonl", "tensorboard", "wandb"]] = ["jsonl"]
+    """Where metrics go: metrics.jsonl always; tensorboard (event files in <output>/tensorboard) and wandb (a run in <output>/wandb; WANDB_MODE=offline works) get every metric of it too."""  # noqa: E501
+    export_dtype: Literal["fp32", "bf16", "fp16"] | None = None
+    """dtype of the weights in final/. null: the training precision's (fp32, or bf16 / fp16 under mixed precision). The layer router stays out of final/ (router.safetensors beside it)."""  # noqa: E501
 
 
 class LossConfig(Section):

@@ -40,8 +40,9 @@ def writer_config(root: Path, assets, docs: str, **sections) -> str:
     update keys section by section."""
     base = {"teacher": {"layers": [1, 2], "device": "cpu"},
             "data": {"path": docs, "max_length": MAX_LENGTH, "eval_fraction": EVAL_FRACTION},
+            # Every target form: the kill, crash-point, repair and corruption campaigns cover the draws too.
             "cache": {"top_k": 16, "temperatures": [1.0, 2.0], "sequences_per_shard": PER_SHARD,
-                      "sequences_per_chunk": PER_CHUNK}}
+                      "sequences_per_chunk": PER_CHUNK, "targets": ["topk", "sampled", "hybrid"], "samples": 8}}
     for section, values in sections.items():
         base.setdefault(section, {}).update(values)
     root.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,6 @@ from sad_pipe.storage.fs import CacheFS
 from sad_pipe.storage.manifest import SPLITS, read_commits, read_plan
 from sad_pipe.storage.reader import CacheReader
 
-ALL_GROUPS = {"input_ids", "topk", "lse", "target_logprob", "hidden"}
 
 
 def content(url: str) -> dict:
@@ -89,7 +88,7 @@ def sequence_figures(url: str, reference: str) -> dict[str, int]:
         for shard, (a, b) in enumerate(want.plan.splits[split]["shards"]):
             dirs = [d for d in cache.listdir(f"shards/{split}") if d.startswith(f"{shard:05d}-")]
             duplicated += (b - a) * max(0, len(dirs) - 1)
-            mine, theirs = got.read(split, a, b, ALL_GROUPS), want.read(split, a, b, ALL_GROUPS)
+            mine, theirs = got.read(split, a, b, want.groups), want.read(split, a, b, want.groups)
             same = np.ones(b - a, dtype=bool)
             for name, arr in theirs.items():
                 same &= np.array([np.array_equal(x, y) for x, y in zip(mine[name], arr)])

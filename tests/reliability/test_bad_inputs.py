@@ -183,6 +183,13 @@ def other_cache(ctx) -> list[str]:
     return ["train-student", "--config", str(write_json(ctx.tmp / "resume.json", config))]
 
 
+def topk_only_cache(ctx) -> str:
+    """The reference cache holds every target form; this one only top-k (the default)."""
+    config = writer_config(ctx.tmp / "topk-only", ctx.assets, ctx.docs, cache={"targets": ["topk"]})
+    cli("-q", "cache-teacher", "--config", config)
+    return cache_of(config)
+
+
 def write_json(path: Path, obj) -> Path:
     path.write_text(json.dumps(obj))
     return path
@@ -236,7 +243,7 @@ SCENARIOS = {
     "student-layers": lambda c: student(c, loss={"student_layers": [1, 5]}),
     "temperature-not-cached": lambda c: student(c, loss={"temperature": 3.0}),
     "kd-top-k": lambda c: student(c, loss={"kd_top_k": 32}),
-    "kd-form-not-cached": lambda c: student(c, loss={"kd_form": "hybrid"}),
+    "kd-form-not-cached": lambda c: student(c, loss={"kd_form": "hybrid"}, cache=topk_only_cache(c)),
     "batch-too-big": lambda c: student(c, train={"batch_size": 1000}),
     "cache-missing": lambda c: student(c, cache=str(c.tmp / "nowhere")),
     "old-format": old_format,

@@ -21,7 +21,6 @@ from sad_pipe.errors import CacheError
 from sad_pipe.stages.cache_teacher.maintenance import verify_cache as verify
 from sad_pipe.storage.reader import CacheReader
 
-from .helpers import ALL_GROUPS
 
 FLIPS = (1, 2, 4, 8)
 
@@ -82,7 +81,7 @@ def owner(rel: str) -> tuple[str, list[str]]:
 
 def read_everything(url: str) -> dict:
     reader = CacheReader(url)
-    return {(split, a): reader.read(split, a, b, ALL_GROUPS)
+    return {(split, a): reader.read(split, a, b, reader.groups)
             for split in reader.plan.splits for a, b in reader.plan.splits[split]["shards"]}
 
 

@@ -18,7 +18,6 @@ from sad_pipe.errors import CacheError
 from sad_pipe.storage.reader import CacheReader
 
 from .conftest import writer_config
-from .helpers import ALL_GROUPS
 
 # -- trust_remote_code ----------------------------------------------------------------------------------------
 
@@ -131,7 +130,7 @@ def test_caches_and_checkpoints_are_read_without_pickle(reference, tmp_path, mon
     reader = CacheReader(reference)
     for split in reader.plan.splits:
         for a, b in reader.plan.splits[split]["shards"]:
-            reader.read(split, a, b, ALL_GROUPS)
+            reader.read(split, a, b, reader.groups)
     train(config)  # resumes from step 2: weights (safetensors), optimizer and RNG state (torch.load)
     assert loads == [True, True]
     assert json.loads((tmp_path / "run" / "result.json").read_text())["steps"] == 3

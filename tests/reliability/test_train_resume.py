@@ -47,7 +47,8 @@ def outcome(run: Path, trace: list) -> dict:
     """What must not depend on interruptions: the sample order, the loss trace, the weights."""
     rows = {split: [{k: v for k, v in r.items() if k != "tokens_per_second"} for r in metrics(run, split)]
             for split in ("train", "eval")}
-    final = {name: load_file(run / "final" / name) for name in ("model.safetensors", "router.safetensors")}
+    final = {name: load_file(run / path) for name, path in (("model", "final/model.safetensors"),
+                                                            ("router", "router.safetensors"))}
     return {"trace": trace, "metrics": rows, "weights": final}
 
 

@@ -47,11 +47,11 @@ def train_config(tmp_path: Path, cache: str, name: str, ranks: int) -> str:
 
 def weights(run: Path, part: str) -> dict[str, torch.Tensor]:
     """Student and router weights, named as in a checkpoint ("student.*", "router.*"). A checkpoint holds both in
-    model.safetensors; final/ has the student's save_pretrained and router.safetensors."""
+    model.safetensors; final/ has the student's save_pretrained, router.safetensors is beside it."""
     if part != "final":
         return load_file(str(run / part / "model.safetensors"))
     out = {f"student.{k}": v for k, v in load_file(str(run / part / "model.safetensors")).items()}
-    return out | {f"router.{k}": v for k, v in load_file(str(run / part / "router.safetensors")).items()}
+    return out | {f"router.{k}": v for k, v in load_file(str(run / "router.safetensors")).items()}
 
 
 def difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[float, float]:

@@ -171,3 +171,44 @@ def test_dataloader_workers_read_an_object_store_cache(s3_cache, reference_cache
         assert a.keys() == b.keys()
         for name in a:
             assert torch.equal(a[name], b[name]), name
+
+
+def test_damage_on_an_object_store_cache_is_caught_by_full_verify_and_never_read_as_data(s3_cache):
+    """The corruption campaign against the S3 cache (tests/reliability/test_corruption.py does the full sweep
+    on a local disk): one file of each kind truncated, flipped or deleted through the store's own API."""
+    import numpy as np
+
+    from sad_pipe.errors import CacheError
+    from sad_pipe.stages.cache_teacher.maintenance import verify_cache
+    from sad_pipe.storage.reader import CacheReader
+
+    cache = CacheFS(s3_cache)
+    files = sorted(cache.walk_files(""))
+    picks = {"shard data": next(f for f in files if f.startswith("shards/") and "/sample_ids/c/" in f),
+             "tail draws": next(f for f in files if f.startswith("shards/") and "/tail_counts/c/" in f),
+             "tokens": next(f for f in files if f.startswith("tokens/") and "/loss_mask/c/" in f),
+             "commit record": next(f for f in files if f.startswith("commits/")),
+             "tokenizer": "tokenizer/tokenizer.json", "config": "config.json"}
+    rng = np.random.default_rng(5)
+    for (what, rel), kind in zip(picks.items(), ["flip", "truncate", "flip", "flip", "truncate", "delete"]):
+        original = cache.read_bytes(rel)
+        if kind == "flip":
+            damaged = bytearray(original)
+            damaged[int(rng.integers(len(damaged)))] ^= 0xFF
+            cache.fs.pipe_file(cache.path(rel), bytes(damaged))
+        elif kind == "truncate":
+            cache.fs.pipe_file(cache.path(rel), original[:len(original) // 2])
+        else:
+            cache.fs.rm(cache.path(rel))
+        try:
+            report = verify_cache(s3_cache, full=True)
+            assert not report.ok, (what, rel)
+            if rel.startswith(("shards/", "tokens/", "commits/")):
+                with pytest.raises(CacheError):
+                    reader = CacheReader(s3_cache)
+                    for split, info in reader.plan.splits.items():
+                        for a, b in info["shards"]:
+                            reader.read(split, a, b, reader.groups)
+        finally:
+            cache.fs.pipe_file(cache.path(rel), original)
+    assert verify_cache(s3_cache, full=True).ok

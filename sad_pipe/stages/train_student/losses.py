@@ -139,8 +139,9 @@ def _masked_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def _vocab_chunk(hidden, weight, bias, labels, ce_mask, kd_mask, teacher: TeacherTargets | None,
                  form: str, temperature: float, compute_kd: bool, vocab_limit: int | None):
-    """Sums over one chunk of positions: (ce_sum, kd_sum, agree_sum). Recomputed in backward."""
-    logits = F.linear(hidden, weight, bias).float()  # [n, V]
+    """Sums over one chunk of positions: (ce_sum, kd_sum, agree_sum). Recomputed in backward.
+    weight None: `hidden` holds the student's logits already."""
+    logits = (hidden if weight is None else F.linear(hidden, weight, bias)).float()  # [n, V]
     if vocab_limit is not None and vocab_limit < logits.shape[-1]:  # padded rows: in no softmax, never argmax
         logits = logits.masked_fill(torch.arange(logits.shape[-1], device=logits.device) >= vocab_limit, -torch.inf)
     lse = torch.logsumexp(logits, dim=-1)
@@ -157,13 +158,14 @@ def _vocab_chunk(hidden, weight, bias, labels, ce_mask, kd_mask, teacher: Teache
     return ce_sum, kd_sum, agree
 
 
-def vocab_losses(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+def vocab_losses(hidden: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, labels: torch.Tensor,
                  ce_mask: torch.Tensor, kd_mask: torch.Tensor, teacher: TeacherTargets | None, *, form: str,
                  temperature: float, chunk_tokens: int, compute_kd: bool = True,
                  vocab_limit: int | None = None, counts: tuple[float, float] | None = None) -> dict[str, torch.Tensor]:
     """CE and KD through the student's output layer, chunk by chunk.
 
-    hidden [N, D] (final student states), weight [V, D] (+ bias [V]): the LM head, applied per chunk.
+    hidden [N, D] (final student states), weight [V, D] (+ bias [V]): the LM head, applied per chunk; or
+    hidden [N, V] the student's logits, weight None (a model whose forward made them already).
     labels [N] (next-token ids, -1 where none), ce_mask / kd_mask [N] float.
     Returns {"ce"; with a teacher also "agreement" (fraction of kd_mask positions where the student's
     argmax is the teacher's top-1) and, unless compute_kd is false, "kd"}. compute_kd=False is for a

@@ -66,12 +66,15 @@ from sad_pipe.stages.train_student.losses import (
 )
 from sad_pipe.stages.train_student.memory import CachedArrays, ModelShape, RunShape, device_memory, project_memory
 from sad_pipe.stages.train_student.router import LayerRouter
+from sad_pipe.stages.train_student.tracking import MetricsLog, check_trackers
 from sad_pipe.storage.codecs import decode_hidden, decode_samples, decode_topk
 from sad_pipe.storage.manifest import cache_id, hidden_name, target_forms
 from sad_pipe.storage.reader import CacheDataset, CacheReader, FieldSchedule
 from sad_pipe.storage.verify import check_plan_files
 
 log = logging.getLogger(__name__)
+
+EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # train.export_dtype
 
 # Field groups each loss component reads from the cache.
 NEEDS = {"ce": set(), "feature": {"hidden"}, "relation": {"hidden"}}
@@ -400,18 +403,24 @@ def _online_teacher(cfg: Config, reader: CacheReader, tokenizer, device: torch.d
     return teacher
 
 
+def cache_tokenizer(reader: CacheReader):
+    """The cache's tokenizer, after checking it and config.json against the sizes and hashes plan.json records."""
+    damaged = check_plan_files(reader.cache, reader.plan)  # the tokenizer and config.json: small, checked whole
+    if damaged:
+        raise CacheError(f"{reader.url}: {damaged[0]}; run sad-pipe verify --full {reader.url}")
+    with reader.cache.local_dir("tokenizer") as tokenizer_dir:  # a temp copy if the cache is on an object store
+        tokenizer = load_tokenizer(tokenizer_dir)
+    if tokenizer_fingerprint(tokenizer) != reader.identity["tokenizer"]["sha256"]:
+        raise ModelError(f"{reader.url}/tokenizer does not match the fingerprint in the manifest; the cache is damaged")
+    return tokenizer
+
+
 def setup(cfg: Config) -> Setup:
     cfg.require("cache.path", "train.output")
     if os.path.isfile(cfg.train.output):  # refused before any work, like cache.path
         raise ConfigError(f"train.output {cfg.train.output}: is a file, expected a directory")
     reader = CacheReader(cfg.cache.path)
-    damaged = check_plan_files(reader.cache, reader.plan)  # the tokenizer and config.json: small, checked whole
-    if damaged:
-        raise CacheError(f"{cfg.cache.path}: {damaged[0]}; run sad-pipe verify --full {cfg.cache.path}")
-    with reader.cache.local_dir("tokenizer") as tokenizer_dir:  # a temp copy if the cache is on an object store
-        tokenizer = load_tokenizer(tokenizer_dir)
-    if tokenizer_fingerprint(tokenizer) != reader.identity["tokenizer"]["sha256"]:
-        raise ModelError(f"{cfg.cache.path}/tokenizer does not match the fingerprint in the manifest; the cache is damaged")
+    tokenizer = cache_tokenizer(reader)
     device = resolve_device(cfg.train.device)
     precision, autocast_dtype = _precision(cfg.train.precision, device)
     rank, world = distributed.rank(), distributed.world_size()
@@ -749,25 +758,6 @@ class LoopState:
     skipped: list = field(default_factory=list)  # [{"step", "sequence_ids"}] for the last few skips
 
 
-def _metrics_writer(run_dir: Path, resume_step: int):
-    """metrics.jsonl, with lines past the resumed checkpoint (and a final eval, redone at the end) dropped so
-    the trace equals an uninterrupted run."""
-    path = run_dir / "metrics.jsonl"
-    if path.exists():
-        keep = []
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # the half-written last line of a killed run
-                continue
-            if row["step"] <= resume_step and not row.get("final"):
-                keep.append(line + "\n")
-        tmp = path.with_suffix(".jsonl.tmp")  # replaced atomically: a kill here keeps the old trace
-        tmp.write_text("".join(keep))
-        os.replace(tmp, path)
-    return open(path, "a", buffering=1)
-
-
 def _is_main() -> bool:
     return distributed.rank() == 0
 
@@ -776,6 +766,7 @@ def run(cfg: Config, dry_run: bool = False) -> dict:
     """Stage two. Returns the final eval metrics and the run's figures (also saved as result.json).
     dry_run: set up (every check), print the plan and the memory plan, and stop: nothing trained or written."""
     wall_start = time.perf_counter()
+    check_trackers(cfg.train.report_to)
     s = setup(cfg)
     if dry_run:
         _log_plan(s)
@@ -790,24 +781,29 @@ def run(cfg: Config, dry_run: bool = False) -> dict:
         cfg.save(run_dir / "config.json")
         (run_dir / "plan.json").write_text(json.dumps(asdict(s.plan), indent=1) + "\n")
         _log_plan(s)
-    metrics = _metrics_writer(run_dir, state.step) if _is_main() else None
+    metrics = MetricsLog(run_dir, state.step, cfg.train.report_to, cfg.to_dict()) if _is_main() else None
     try:
         _train(s, state, run_dir, metrics)
         final_eval = evaluate(s, s.plan.total_steps)
+        result = _result(s, state, final_eval, wall_start)
+        if metrics:
+            _finish(s, run_dir, state, final_eval, result, metrics)
     finally:
         if metrics:
             metrics.close()
+    distributed.barrier()
+    return result
+
+
+def _result(s: Setup, state: LoopState, final_eval: dict, wall_start: float) -> dict:
     result = {
-        "run": str(run_dir), "cache_id": s.plan.cache_id, "steps": state.step, "skipped_steps": state.skipped_steps,
+        "run": str(Path(s.cfg.train.output)), "cache_id": s.plan.cache_id, "steps": state.step, "skipped_steps": state.skipped_steps,
         "train_seconds": state.train_seconds, "wall_seconds": time.perf_counter() - wall_start,
         "tokens_per_second": state.tokens / state.train_seconds if state.train_seconds else None,
         "peak_memory_bytes": _peak_memory(s.device), "student_parameters": s.plan.student_parameters, **final_eval,
     }
     if s.plan.teacher_eval_ce is not None:
         result["teacher/eval_ce"] = s.plan.teacher_eval_ce
-    if _is_main():
-        _finish(s, run_dir, state, final_eval, result)
-    distributed.barrier()
     return result
 
 
@@ -850,16 +846,19 @@ def _resume(s: Setup, run_dir: Path) -> LoopState:
     return state
 
 
-def _finish(s: Setup, run_dir: Path, state: LoopState, final_eval: dict, result: dict) -> None:
+def _finish(s: Setup, run_dir: Path, state: LoopState, final_eval: dict, result: dict, metrics: MetricsLog) -> None:
     """The run's products (rank 0): the final eval line, final/ (student + tokenizer), plots, result.json last."""
-    with open(run_dir / "metrics.jsonl", "a") as f:
-        f.write(_json_line({**_eval_record(s, state.step, final_eval), "final": True}))
+    metrics.write({**_eval_record(s, state.step, final_eval), "final": True})
     final = run_dir / "final"
-    s.core.student.generation_config = generation_config_for(s.core.student, s.tokenizer)
-    s.core.student.save_pretrained(final)
+    student = s.core.student
+    student.generation_config = generation_config_for(student, s.tokenizer)
+    # The last thing done with the student: training is over and its checkpoint is written, so converting it
+    # in place costs no second copy of the weights.
+    student.to(EXPORT_DTYPES[s.cfg.train.export_dtype or s.plan.precision])
+    student.save_pretrained(final)
     s.tokenizer.save_pretrained(final)
-    if s.core.router is not None:
-        save_model(s.core.router, str(final / "router.safetensors"))
+    if s.core.router is not None:  # beside final/, not in it: final/ is a plain HF model for any tool to load
+        save_model(s.core.router, str(run_dir / "router.safetensors"))
     from sad_pipe.stages.train_student.plots import plot_metrics
 
     plot_metrics(run_dir / "metrics.jsonl", run_dir / "plots")
@@ -935,7 +934,7 @@ def _train(s: Setup, state: LoopState, run_dir: Path, metrics) -> None:
             if cfg.train.eval_steps and state.step % cfg.train.eval_steps == 0 and state.step < plan.total_steps:
                 ev = evaluate(s, state.step)
                 if metrics and ev:
-                    metrics.write(_json_line(_eval_record(s, state.step, ev)))
+                    metrics.write(_eval_record(s, state.step, ev))
                     log.info("eval at step %d: %s", state.step, ", ".join(f"{k[5:]}={v:.4f}" for k, v in ev.items()))
             if _is_main() and ((cfg.train.save_steps and state.step % cfg.train.save_steps == 0) or state.step == plan.total_steps):
                 save_checkpoint(s, run_dir, asdict(state))
@@ -1012,7 +1011,7 @@ def _end_of_step(s: Setup, state: LoopState, inputs: StepInputs, weights: dict[s
     if bad:
         record["skipped_sequence_ids"] = bad_ids
     if metrics and (state.step % cfg.train.log_steps == 0 or bad or overflow):
-        metrics.write(_json_line(record))
+        metrics.write(record)
     if bad and state.consecutive_nonfinite >= cfg.train.max_consecutive_nan:
         raise TrainingError(
             f"{state.consecutive_nonfinite} optimizer steps in a row had a non-finite loss or gradient "
@@ -1025,12 +1024,6 @@ def _end_of_step(s: Setup, state: LoopState, inputs: StepInputs, weights: dict[s
                         f"tok/s={record['tokens_per_second']:,.0f}" + (f" skipped={state.skipped_steps}" if state.skipped_steps else ""),
                         refresh=False)
     bar.update(1)
-
-
-def _json_line(record: dict) -> str:
-    """One strict-JSON line: a non-finite figure (a skipped step's loss) is written as null, not NaN."""
-    clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
-    return json.dumps(clean) + "\n"
 
 
 def _eval_record(s: Setup, step: int, ev: dict) -> dict:

@@ -29,7 +29,6 @@ from sad_pipe.storage.reader import CacheReader
 
 from .conftest import BATCH, EVAL_FRACTION, MAX_LENGTH, PER_SHARD
 
-ALL_GROUPS = {"input_ids", "topk", "lse", "target_logprob", "hidden"}
 
 
 # -- inputs and helpers -------------------------------------------------------------------------------
@@ -67,9 +66,10 @@ def snapshot(root: str) -> dict[str, tuple[int, int]]:
     return out
 
 
-def read_all(url: str, groups: set[str] = ALL_GROUPS) -> dict[str, dict[str, np.ndarray]]:
-    """Every array of every split, read through the public reader."""
+def read_all(url: str, groups: set[str] | None = None) -> dict[str, dict[str, np.ndarray]]:
+    """Every array of every split (of `groups`, by default all the cache holds), read through the public reader."""
     r = CacheReader(url)
+    groups = r.groups if groups is None else groups
     out = {}
     for split in r.plan.splits:
         parts = [r.read(split, a, min(a + r.shard_rows, r.sequences(split)), groups)

@@ -152,6 +152,7 @@ def test_run_directory_holds_config_plan_metrics_plots_and_final_student(schedul
     assert math.isfinite(result["eval/ce"]) and result["teacher/eval_ce"] == plan["teacher_eval_ce"]
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
         assert (run / "final" / name).exists()
+    assert (run / "router.safetensors").exists() and not (run / "final" / "router.safetensors").exists()
 
 
 # -- NaN: skipped, counted, logged with the batch's ids; N in a row abort -----------------------------------
@@ -310,8 +311,8 @@ def test_stop_and_resume_equals_the_straight_run(tmp_path, kd_cache, straight_ru
     train(config)
 
     assert identical(weights(tmp_path / "run"), weights(straight_run))
-    router = "router.safetensors"  # the learned layer router resumes too
-    assert identical(weights(tmp_path / "run", name=router), weights(straight_run, name=router))
+    router = "router.safetensors"  # the learned layer router resumes too (saved beside final/)
+    assert identical(weights(tmp_path / "run", ".", router), weights(straight_run, ".", router))
     for split in ("train", "eval"):
         assert comparable(metrics(tmp_path / "run", split)) == comparable(metrics(straight_run, split))
 
@@ -447,3 +448,23 @@ def test_bad_input_fails_with_one_line_error(sections, code, message, tmp_path, 
     assert message in line, line
     assert result.output.rstrip().splitlines()[-1] == line  # nothing after it: one line, no traceback
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+# -- final/: a plain HF model in the export dtype; the router beside it -----------------------------------------
+
+@pytest.mark.parametrize(("export_dtype", "dtype"), [(None, torch.float32), ("bf16", torch.bfloat16)])
+def test_final_loads_as_a_plain_hf_model_in_the_export_dtype(tmp_path, kd_cache, export_dtype, dtype):
+    from transformers import AutoModelForCausalLM
+
+    with_router = {"use_curriculum": False, "weights": {"kd": 0.5, "ce": 0.3, "feature": 0.2, "relation": 0.0}}
+    train(train_config(tmp_path, kd_cache, train={"max_steps": 2, "export_dtype": export_dtype}, curriculum=with_router))
+    run = tmp_path / "run"
+    student = AutoModelForCausalLM.from_pretrained(run / "final", dtype="auto")
+    assert {p.dtype for p in student.parameters()} == {dtype}
+    checkpoint = weights(run, "checkpoints/step-00000002")  # the trained weights: "student.*" and "router.*"
+    saved = weights(run)
+    assert saved.keys() == {k.removeprefix("student.") for k in checkpoint if k.startswith("student.")}
+    for name, value in saved.items():
+        assert torch.equal(value, checkpoint[f"student.{name}"].to(dtype)), name
+    router = weights(run, ".", "router.safetensors")
+    assert router.keys() == {k.removeprefix("router.") for k in checkpoint if k.startswith("router.")} != set()
