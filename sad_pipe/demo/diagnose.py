@@ -89,7 +89,7 @@ def _step(s, batch, forms, follow, online, params, head, w, step: int) -> dict:
                            temperature=cfg.loss.temperature, chunk_tokens=cfg.loss.chunk_tokens, vocab_limit=s.tokens)
         loss = w["kd"] * out["kd"] + w["ce"] * out["ce"]
         grads[form] = torch.autograd.grad(loss, list(params.values()), retain_graph=True, allow_unused=True)
-        kd[form], ce = float(out["kd"]), float(out["ce"])
+        kd[form], ce = float(out["kd"].detach()), float(out["ce"].detach())
     row = {"step": step + 1, "ce": ce, "kd": kd}
     for form in forms:
         row[f"cosine/{form}"] = {g: _cosine(grads[form], grads["full"], params, g) for g in (*GROUPS, "all")}
