@@ -26,7 +26,7 @@ from sad_pipe import DistillTrainer, open_cache
 class DistillArguments:
     cache: str = field(metadata={"help": "the cache: a path or an fsspec URL"})
     student: str = field(metadata={"help": "the student: a path or hub id sharing the cache's tokenizer"})
-    kd_form: str = field(default="tail", metadata={"help": "tail or subset"})
+    kd_form: str = field(default="hybrid", metadata={"help": "hybrid, tail, subset or sampled (the cache must hold its targets)"})
     temperature: float = field(default=1.0, metadata={"help": "KD temperature; one the cache holds the logsumexp at"})
     kd_weight: float = 0.7
     ce_weight: float = 0.3

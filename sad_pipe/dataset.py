@@ -1,7 +1,7 @@
 """The cache as a dataset for your own training stack: `open_cache(path_or_url)`.
 
     cache = open_cache("runs/cache")                       # a path or an fsspec URL (s3://...)
-    train = cache.dataset("train", topk=True, temperature=2.0, layers=[2])
+    train = cache.dataset("train", topk=True, draws="hybrid", layers=[2])  # what kd_form hybrid needs
     train[17]                                              # sequence 17 of the split, decoded
     DataLoader(train, batch_size=8, collate_fn=collate)    # or transformers.Trainer, or train.to_hf()
 
@@ -18,7 +18,14 @@ One example is one packed sequence of T tokens, as torch tensors:
     topk_logprobs  [T, k] float32: log p_T of those ids at `temperature`, exact (the full-vocabulary logsumexp
                    at T is cached), so they sum to less than 1 by exactly the tail mass
     tail_mass      [T] float32: the teacher's probability mass outside those k ids at T
-    temperature    float: the T of topk_logprobs (the KD losses check they are given the same)
+    temperature    float: the T of topk_logprobs and of the draws (the KD losses check they are given the same)
+  draws="hybrid" (with topk=True; cache.targets hybrid):
+    tail_ids       [T, N] int64: the distinct ids of N draws from the teacher's distribution outside the top-k
+    tail_counts    [T, N] float32: how often each was drawn (0 in unused slots); the hybrid target is the
+                   exact top-k plus tail_mass * counts / N on these ids: unbiased for full KD
+  draws="sampled" (cache.targets sampled):
+    sample_ids, sample_counts  [T, N]: N draws from the teacher's whole distribution (RS-KD)
+  Draws exist at one temperature only (the cache's sample_temperature): ask for the dataset at that T.
   layers=[L, ...]:
     hidden_<L>     [T, D] float32: the teacher's output_hidden_states[L]
 
@@ -36,11 +43,12 @@ import torch
 from torch.utils.data import Dataset, default_collate
 
 from sad_pipe.errors import CacheError
-from sad_pipe.storage.codecs import decode_hidden, decode_topk, torch_view
-from sad_pipe.storage.manifest import hidden_name
+from sad_pipe.storage.codecs import decode_hidden, decode_samples, decode_topk, torch_view
+from sad_pipe.storage.manifest import hidden_name, target_forms
 from sad_pipe.storage.reader import CacheReader, epoch_order
 
 IGNORE_INDEX = -100  # labels the HF losses skip
+DRAWS = {"hybrid": "tail", "sampled": "sample"}  # draws= -> the fields' prefix (the reader's array names)
 
 
 def open_cache(url: str) -> Cache:
@@ -79,6 +87,11 @@ class Cache:
         return self.reader.temperatures
 
     @property
+    def target_forms(self) -> list[str]:
+        """The teacher target forms cached (cache.targets): topk, and hybrid / sampled where their draws are."""
+        return sorted(target_forms(self.identity))
+
+    @property
     def layers(self) -> list[int]:
         return self.reader.layers
 
@@ -94,10 +107,12 @@ class Cache:
 
         return cache_tokenizer(self.reader)
 
-    def dataset(self, split: str = "train", *, topk: bool = False, temperature: float = 1.0, top_k: int | None = None,
-                layers: list[int] = ()) -> CacheExamples:
-        """A map-style torch Dataset of the split's sequences; the teacher fields only when asked for."""
-        return CacheExamples(self.reader, split, topk=topk, temperature=temperature, top_k=top_k, layers=layers)
+    def dataset(self, split: str = "train", *, topk: bool = False, draws: str | None = None, temperature: float = 1.0,
+                top_k: int | None = None, layers: list[int] = ()) -> CacheExamples:
+        """A map-style torch Dataset of the split's sequences; the teacher fields only when asked for
+        (sad_pipe.kd.FORM_FIELDS: what each KD form needs)."""
+        return CacheExamples(self.reader, split, topk=topk, draws=draws, temperature=temperature, top_k=top_k,
+                             layers=layers)
 
     def training_order(self, split: str = "train", *, seed: int = 0, epoch: int = 0, buffer_chunks: int = 8) -> list[int]:
         """train-student's sequence order for one epoch (a function of seed and epoch): chunks shuffled, then
@@ -109,7 +124,7 @@ class CacheExamples(Dataset):
     """Decoded examples of one split (see the module docstring for the fields)."""
 
     def __init__(self, reader: CacheReader, split: str, *, topk: bool, temperature: float, top_k: int | None,
-                 layers: list[int], buffer_chunks: int = 8):
+                 layers: list[int], draws: str | None = None, buffer_chunks: int = 8):
         if split not in reader.plan.splits:
             raise CacheError(f"{reader.url} has no {split!r} split (splits: {', '.join(sorted(reader.plan.splits))})")
         self.reader, self.split = reader, split
@@ -124,6 +139,10 @@ class CacheExamples(Dataset):
             if top_k is not None and not 0 < top_k <= reader.scheme.k:
                 raise CacheError(f"top_k {top_k}: {reader.url} holds the top {reader.scheme.k}")
             self.reader.arrays_for(self.groups)  # a tokens-only cache: one line saying so
+        self.draws = draws
+        if draws is not None:
+            self._check_draws(draws)
+            self.groups.add({"hybrid": "tail_samples", "sampled": "samples"}[draws])
         missing = [l for l in self.layers if l not in reader.layers]
         if missing:
             raise CacheError(f"layers {missing}: {reader.url} holds the teacher's hidden states {reader.layers} only")
@@ -131,6 +150,23 @@ class CacheExamples(Dataset):
             self.groups.add("hidden")
         self.buffer_chunks = buffer_chunks
         self._chunks: OrderedDict = OrderedDict()
+
+    def _check_draws(self, draws: str) -> None:
+        reader, forms = self.reader, target_forms(self.reader.identity)
+        if draws not in DRAWS:
+            raise ValueError(f"draws {draws!r}: one of {', '.join(DRAWS)} (or None)")
+        if draws not in forms:
+            raise CacheError(f"draws {draws!r}: {reader.url} holds no {draws} targets (its cache.targets: "
+                             f"{', '.join(sorted(forms))})")
+        drawn_at = float(reader.identity["targets"]["temperature"])
+        if self.temperature != drawn_at:
+            raise CacheError(f"temperature {self.temperature:g}: {reader.url}'s draws come from the teacher at "
+                             f"T={drawn_at:g} (its cache.sample_temperature); ask for the dataset at that T")
+        if draws == "hybrid" and not self.topk:
+            raise ValueError("draws='hybrid' are the teacher's tail outside its top-k: ask for topk=True as well")
+        if draws == "hybrid" and self.top_k not in (None, reader.scheme.k):
+            raise ValueError(f"top_k {self.top_k}: the hybrid draws cover everything outside the cached top "
+                             f"{reader.scheme.k}, so they go with all of it; leave top_k unset")
 
     def __len__(self) -> int:
         return self.reader.sequences(self.split)
@@ -164,6 +200,10 @@ class CacheExamples(Dataset):
             out["topk_ids"], out["topk_logprobs"] = top.ids, logprobs
             out["tail_mass"] = (-torch.expm1(torch.logsumexp(logprobs, dim=-1))).clamp_min(0.0)  # 1 - sum p, accurately
             out["temperature"] = self.temperature
+        if self.draws is not None:
+            prefix = DRAWS[self.draws]
+            out[f"{prefix}_ids"], out[f"{prefix}_counts"] = decode_samples(row, prefix)
+            out["temperature"] = self.temperature
         for layer in self.layers:
             name = hidden_name(layer)
             out[name] = decode_hidden(row[name], row.get(name + "_scale"), self.reader.identity["hidden_dtype"])
@@ -194,7 +234,13 @@ class CacheExamples(Dataset):
         if self.topk:
             k = self.top_k or self.reader.scheme.k
             features.update(topk_ids=datasets.Array2D((t, k), "int64"), topk_logprobs=datasets.Array2D((t, k), "float32"),
-                            tail_mass=datasets.List(datasets.Value("float32"), length=t), temperature=datasets.Value("float64"))
+                            tail_mass=datasets.List(datasets.Value("float32"), length=t))
+        if self.draws is not None:
+            prefix, n = DRAWS[self.draws], self.reader.identity["targets"]["samples"]
+            features.update({f"{prefix}_ids": datasets.Array2D((t, n), "int64"),
+                             f"{prefix}_counts": datasets.Array2D((t, n), "float32")})
+        if self.topk or self.draws is not None:
+            features["temperature"] = datasets.Value("float64")
         for layer in self.layers:
             width = self.reader.specs[hidden_name(layer)].per_token[0]
             features[hidden_name(layer)] = datasets.Array2D((t, width), "float32")

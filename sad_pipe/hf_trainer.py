@@ -1,12 +1,12 @@
 """Train a student from the cache with transformers' `Trainer` (and so with accelerate, FSDP or DeepSpeed).
 
     cache = open_cache("runs/cache")
-    trainer = DistillTrainer(model=student, args=TrainingArguments(...), cache=cache, kd_form="tail", temperature=1.0)
+    trainer = DistillTrainer(model=student, args=TrainingArguments(...), cache=cache, kd_form="hybrid", temperature=1.0)
     trainer.train()
 
-The loss is train-student's: kd_weight * KD (sad_pipe.kd_losses, the cached top-k of the chosen form at T)
+The loss is train-student's: kd_weight * KD (sad_pipe.kd_losses, the cached targets of the chosen form at T)
 + ce_weight * CE, each a mean over the micro-batch's trained positions; the Trainer divides it by the
-accumulation steps, as train-student does. The train set is `cache.dataset("train", topk=True, ...)` in
+accumulation steps, as train-student does. The train set is `cache.dataset("train", **FORM_FIELDS[kd_form])` in
 train-student's order (`Cache.training_order`, seeded with `args.seed`): the same sequences in the same micro-
 batches, each compressed chunk decompressed once per shuffle buffer. The student runs its whole forward (the
 logits [B, T, V] exist, as in any HF training), so a sharded model (FSDP, DeepSpeed ZeRO-3) needs nothing
@@ -26,7 +26,7 @@ from torch.utils.data import Sampler
 from transformers import Trainer
 
 from sad_pipe.dataset import Cache, collate
-from sad_pipe.kd import kd_losses
+from sad_pipe.kd import FORM_FIELDS, kd_losses
 
 
 class TrainingOrder(Sampler):
@@ -47,12 +47,13 @@ class TrainingOrder(Sampler):
 
 class CachedKDLoss:
     """The loss, for any `Trainer` subclass (DistillTrainer below; TRL's SFTTrainer, see the README):
-    kd_weight * KD + ce_weight * CE on batches of `cache.dataset(..., topk=True)` examples (or its `to_hf()`)."""
+    kd_weight * KD + ce_weight * CE on batches of `cache.dataset(..., **FORM_FIELDS[kd_form])` examples (or its
+    `to_hf()`)."""
 
     # compute_loss returns a mean over one micro-batch: the Trainer divides it by the accumulation steps itself
     loss_is_scaled_for_ga = False
 
-    def __init__(self, *args, cache: Cache, kd_form: str = "tail", temperature: float = 1.0, kd_weight: float = 0.7,
+    def __init__(self, *args, cache: Cache, kd_form: str = "hybrid", temperature: float = 1.0, kd_weight: float = 0.7,
                  ce_weight: float = 0.3, **kwargs):
         self.cache, self.kd_form, self.temperature = cache, kd_form, temperature
         self.kd_weight, self.ce_weight = kd_weight, ce_weight
@@ -84,12 +85,16 @@ class CachedKDLoss:
 
 
 class DistillTrainer(CachedKDLoss, Trainer):
-    """A `Trainer` whose loss is KD on the cache plus CE. `cache`: an opened cache; its train split (at
-    `temperature`, the top `top_k`) is the train set unless `train_dataset` is given."""
+    """A `Trainer` whose loss is KD on the cache plus CE. `cache`: an opened cache; its train split (the fields
+    `kd_form` reads, at `temperature`, the top `top_k`) is the train set unless `train_dataset` is given."""
 
-    def __init__(self, *args, cache: Cache, temperature: float = 1.0, top_k: int | None = None, **kwargs):
-        kwargs.setdefault("train_dataset", cache.dataset("train", topk=True, temperature=temperature, top_k=top_k))
-        super().__init__(*args, cache=cache, temperature=temperature, **kwargs)
+    def __init__(self, *args, cache: Cache, kd_form: str = "hybrid", temperature: float = 1.0, top_k: int | None = None,
+                 **kwargs):
+        if kd_form not in FORM_FIELDS:
+            raise ValueError(f"kd_form {kd_form!r}: one of {', '.join(FORM_FIELDS)}")
+        kwargs.setdefault("train_dataset", cache.dataset("train", **FORM_FIELDS[kd_form], temperature=temperature,
+                                                         top_k=top_k))
+        super().__init__(*args, cache=cache, kd_form=kd_form, temperature=temperature, **kwargs)
 
     def _get_train_sampler(self, train_dataset=None):
         return TrainingOrder(self.cache, "train", self.args.seed)

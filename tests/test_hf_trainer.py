@@ -21,14 +21,14 @@ LR, BATCH, DECAY, CLIP, SEED = 3e-3, 4, 0.01, 1.0, 0
 WEIGHTS = {"kd": 0.7, "ce": 0.3, "feature": 0.0, "relation": 0.0}
 
 
-@pytest.mark.parametrize(("temperature", "accumulation"), [(1.0, 1), (2.0, 2)])
-def test_twenty_trainer_steps_give_train_students_losses(tmp_path, kd_cache, temperature, accumulation):
+@pytest.mark.parametrize(("form", "temperature", "accumulation"), [("hybrid", 1.0, 1), ("tail", 2.0, 2)])
+def test_twenty_trainer_steps_give_train_students_losses(tmp_path, kd_cache, form, temperature, accumulation):
     student = save_llama(str(tmp_path / "student"), 512, hidden=32, layers=2, seed=1)
     train(train_config(tmp_path, kd_cache, student={"model": student},
                        train={"max_steps": STEPS, "batch_size": BATCH, "gradient_accumulation_steps": accumulation,
                               "learning_rate": LR, "warmup_steps": 0,
                               "lr_schedule": "cosine", "weight_decay": DECAY, "max_grad_norm": CLIP, "seed": SEED},
-                       loss={"kd_form": "tail", "temperature": temperature},
+                       loss={"kd_form": form, "temperature": temperature},
                        curriculum={"use_curriculum": False, "weights": WEIGHTS}))
     theirs = metrics(tmp_path / "run")
 
@@ -39,7 +39,7 @@ def test_twenty_trainer_steps_give_train_students_losses(tmp_path, kd_cache, tem
                              max_grad_norm=CLIP, seed=SEED, logging_steps=1, save_strategy="no", report_to=[],
                              use_cpu=True, disable_tqdm=True, dataloader_drop_last=True)
     trainer = DistillTrainer(model=AutoModelForCausalLM.from_pretrained(student), args=args, cache=open_cache(kd_cache),
-                             kd_form="tail", temperature=temperature, kd_weight=WEIGHTS["kd"], ce_weight=WEIGHTS["ce"])
+                             kd_form=form, temperature=temperature, kd_weight=WEIGHTS["kd"], ce_weight=WEIGHTS["ce"])
     trainer.train()
     ours = [row for row in trainer.state.log_history if "kd" in row]
 
@@ -60,7 +60,7 @@ def test_the_example_script_trains_and_saves_a_loadable_student(tmp_path, kd_cac
     example = runpy.run_path(str(Path(__file__).resolve().parent.parent / "examples" / "train_with_hf_trainer.py"))
     student = save_llama(str(tmp_path / "student"), 512, seed=1)
     example["main"](["--cache", kd_cache, "--student", student, "--output_dir", str(tmp_path / "out"), "--max_steps", "3",
-                     "--per_device_train_batch_size", "2", "--temperature", "2.0", "--report_to", "none", "--use_cpu",
+                     "--per_device_train_batch_size", "2", "--report_to", "none", "--use_cpu",
                      "--save_strategy", "no", "--disable_tqdm", "true"])
     final = tmp_path / "out" / "final"
     trained = AutoModelForCausalLM.from_pretrained(final)
@@ -85,7 +85,7 @@ def test_trls_sft_trainer_takes_the_loss_and_the_hf_view(tmp_path, kd_cache):
                          bf16=False, activation_checkpointing=False,  # TRL's defaults are on; fp32 here, to compare
                          dataset_kwargs={"skip_prepare_dataset": True})  # the cache is tokenized and packed already
     trainer = CachedSFTTrainer(model=AutoModelForCausalLM.from_pretrained(student), args=args, cache=cache,
-                               train_dataset=train_set.to_hf(), processing_class=cache.tokenizer(), temperature=2.0)
+                               train_dataset=train_set.to_hf(), processing_class=cache.tokenizer(), kd_form="tail", temperature=2.0)
     trainer.train()
     logged = [row for row in trainer.state.log_history if "kd" in row]
     assert [r["step"] for r in logged] == [1, 2, 3]
@@ -94,6 +94,6 @@ def test_trls_sft_trainer_takes_the_loss_and_the_hf_view(tmp_path, kd_cache):
     with torch.no_grad():
         logits = AutoModelForCausalLM.from_pretrained(student)(input_ids=batch["input_ids"],
                                                                position_ids=batch["position_ids"]).logits
-    expected = kd_losses(batch, logits=logits, temperature=2.0, vocab_limit=cache.vocab_size)
+    expected = kd_losses(batch, logits=logits, form="tail", temperature=2.0, vocab_limit=cache.vocab_size)
     assert logged[0]["kd"] == pytest.approx(float(expected["kd"]), rel=1e-6)
     assert logged[0]["ce"] == pytest.approx(float(expected["ce"]), rel=1e-6)

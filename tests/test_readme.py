@@ -25,5 +25,7 @@ def test_the_cache_in_your_own_stack_example_trains_a_student(kd_cache):
     steps = re.findall(r"step (\d+): kd ([\d.]+) ce ([\d.]+) top-1 agreement ([\d.]+)", out.getvalue())
     assert [int(s[0]) for s in steps] == list(range(20))
     kd, ce = ([float(s[i]) for s in steps] for i in (1, 2))
-    assert all(0 < k < 1 for k in kd)  # the tests' random teacher is nearly flat: small KL, finite throughout
+    # finite throughout; the hybrid value is KL to the drawn target, so it holds the draws' own spread on top of the
+    # true KL (a constant offset with no gradient): ~2.6 on the tests' nearly flat random teacher
+    assert all(0 < k < 10 for k in kd)
     assert sum(ce[-5:]) / 5 < sum(ce[:5]) / 5 - 0.3  # the student trains
