@@ -7,8 +7,8 @@ DEMO := runs/demo
 CONFIGS ?= configs/demo
 CORPUS_MB ?= 8
 VOCAB ?= 8192
-SMALL_METHODS ?= ce full subset tail curriculum
-MEDIUM_METHODS ?= ce subset tail
+SMALL_METHODS ?= ce full subset hybrid curriculum
+MEDIUM_METHODS ?= ce subset hybrid
 SEEDS ?= 3
 STUDENT_RUNS := $(foreach m,$(SMALL_METHODS),$(DEMO)/students/small/$(m)/result.json) \
                 $(foreach m,$(MEDIUM_METHODS),$(DEMO)/students/medium/$(m)/result.json)

@@ -42,7 +42,7 @@ def _shrunk_configs(dest: Path) -> None:
 
 def _make(workdir: Path) -> subprocess.CompletedProcess:
     cmd = ["make", "-f", str(ROOT / "demo.mk"), "all", f"SAD={sys.executable} -m sad_pipe.cli", "STAMP=",
-           "CONFIGS=configs/demo", "CORPUS_MB=0.25", "VOCAB=400", "MEDIUM_METHODS=ce tail"]
+           "CONFIGS=configs/demo", "CORPUS_MB=0.25", "VOCAB=400", "MEDIUM_METHODS=ce hybrid"]
     return subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=600,
                           env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
 
@@ -56,7 +56,7 @@ def test_make_all_in_miniature(tmp_path):
     cache_id = json.loads((demo / "cache" / "manifest.json").read_text())["summary"]["cache_id"]
     runs = sorted(demo.glob("students/*/*/result.json"))
     assert {(p.parent.parent.name, p.parent.name) for p in runs} == {
-        *(("small", m) for m in ("ce", "full", "subset", "tail", "curriculum")), ("medium", "ce"), ("medium", "tail")}
+        *(("small", m) for m in ("ce", "full", "subset", "hybrid", "curriculum")), ("medium", "ce"), ("medium", "hybrid")}
     for path in runs:  # every student came from the one cache, and its final model loads
         assert json.loads(path.read_text())["cache_id"] == cache_id
         assert (path.parent / "final" / "config.json").exists()

@@ -13,13 +13,14 @@ from pathlib import Path
 
 from sad_pipe.errors import SadPipeError
 
-METHOD_ORDER = ["ce", "full", "subset", "tail", "curriculum"]
+METHOD_ORDER = ["ce", "full", "subset", "tail", "sampled", "hybrid", "curriculum"]
 METHOD_NAMES = {
     "ce": "CE only (no teacher)", "full": "online full-vocab KD (teacher in memory)",
     "subset": "cached top-256 subset KD", "tail": "cached top-256 + tail KD",
-    "curriculum": "cached curriculum (tail KD + feature + relation)",
+    "sampled": "cached sampled KD (32 draws)", "hybrid": "cached top-256 + 32 tail draws (hybrid) KD",
+    "curriculum": "cached curriculum (hybrid KD + feature + relation)",
 }
-CACHED = ("subset", "tail", "curriculum")
+CACHED = ("subset", "tail", "sampled", "hybrid", "curriculum")
 
 
 def _json(path: Path) -> dict:
@@ -128,9 +129,10 @@ def _verdicts(variant: str, res: dict[str, dict]) -> list[str]:
         gap = _pct(cached[best], res["full"]["eval/ce"])
         out.append(f"- {variant}: best cached form ({best}) vs online full-vocabulary KD: {gap:+.2f}% eval CE "
                    f"({'meets' if gap <= 1 else 'MISSES'} the 'within 1% or better' goal).")
-    if "subset" in cached and "tail" in cached:
-        out.append(f"- {variant}: tail vs subset: {_pct(cached['tail'], cached['subset']):+.2f}% eval CE "
-                   "(one seed; `make compare` gives the spread).")
+    for form in ("hybrid", "tail"):
+        if "subset" in cached and form in cached:
+            out.append(f"- {variant}: {form} vs subset: {_pct(cached[form], cached['subset']):+.2f}% eval CE "
+                       "(one seed; `make compare` gives the spread).")
     return out
 
 
