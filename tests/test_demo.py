@@ -88,3 +88,28 @@ def test_compare_reports_paired_differences_over_seeds(tmp_path):
     assert "-2.68% +- 1.17 [-3.51, -1.85] (n=2)" in paired and paired.endswith("| yes |")
     tail = [line for line in text.splitlines() if line.startswith("| tail |")][-1]
     assert tail.endswith("| no (worst +1.75%) |")  # within 1% on average, not on every seed
+
+
+def test_diagnose_compares_each_cached_forms_gradient_with_online_full_kd(tmp_path, kd_cache, assets):
+    import sys
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import cli
+    from stages.train_student.helpers import train_config
+
+    from sad_pipe.storage.reader import CacheReader
+
+    config = train_config(tmp_path, kd_cache, loss={"temperature": 1.0},
+                          curriculum={"use_curriculum": False, "weights": {"kd": 0.7, "ce": 0.3, "feature": 0.0, "relation": 0.0}})
+    out = tmp_path / "diagnose"
+    result = cli("-q", "demo", "diagnose", "--config", config, "--teacher", assets["llama"], "--output", str(out),
+                 "--follow", "hybrid", "--steps", "3")
+    rows = [json.loads(line) for line in (out / "diagnose.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for row in rows:  # kd_cache holds top-k and hybrid draws: those forms are measured, sampled is not
+        assert {k for k in row if k.startswith("cosine/")} == {"cosine/tail", "cosine/subset", "cosine/hybrid"}
+        for form in ("tail", "subset", "hybrid"):
+            assert -1.0 <= row[f"cosine/{form}"]["all"] <= 1.0 + 1e-6
+        assert 0.0 < row["student_tail_mass"] < 1.0
+    assert CacheReader(kd_cache).scheme.k == 16 and all(0.0 < r["teacher_tail_mass"] < 1.0 for r in rows)  # outside the top-16
+    assert "| 1-3 |" in (out / "diagnose.md").read_text() and "| 1-3 |" in result.output
