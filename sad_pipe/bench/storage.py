@@ -59,8 +59,9 @@ CODECS = [  # (label, values, id layout); absolute ids are the layout before gap
 ]
 HIDDEN_DTYPES = ("fp16", "bf16", "int8")
 # The cheaper target forms (cache.targets): (form, exact head k, draws N). Sampled draws from the whole
-# distribution (RS-KD); hybrid keeps the top `k` exact and draws from the rest.
-TARGET_FORMS = [("sampled", 0, 32), ("sampled", 0, 64), ("hybrid", 16, 32), ("hybrid", 32, 32), ("hybrid", 64, 32)]
+# distribution (RS-KD); hybrid keeps the top `k` exact and draws from the rest (top-256 + 32: the default's).
+TARGET_FORMS = [("sampled", 0, 32), ("sampled", 0, 64), ("hybrid", 16, 32), ("hybrid", 32, 32), ("hybrid", 64, 32),
+                ("hybrid", 256, 32)]
 TARGET_FORM_LIMIT = 170.0  # B/token at the 151,936-id range: <= 0.33x the top-256 default, <= 0.5x DistillKit k=128
 WIDE_VOCAB = 151936  # Qwen2.5's vocabulary
 KL_TEMPERATURE = 2.0
