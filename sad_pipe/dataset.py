@@ -36,8 +36,6 @@ dataset keeps the last few chunks decoded, so reading in order (or in `training_
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
@@ -45,7 +43,7 @@ from torch.utils.data import Dataset, default_collate
 from sad_pipe.errors import CacheError
 from sad_pipe.storage.codecs import decode_hidden, decode_samples, decode_topk, torch_view
 from sad_pipe.storage.manifest import hidden_name, target_forms
-from sad_pipe.storage.reader import CacheReader, epoch_order
+from sad_pipe.storage.reader import CacheReader, DecodedChunks, epoch_order
 
 IGNORE_INDEX = -100  # labels the HF losses skip
 DRAWS = {"hybrid": "tail", "sampled": "sample"}  # draws= -> the fields' prefix (the reader's array names)
@@ -149,7 +147,7 @@ class CacheExamples(Dataset):
         if self.layers:
             self.groups.add("hidden")
         self.buffer_chunks = buffer_chunks
-        self._chunks: OrderedDict = OrderedDict()
+        self._chunks = DecodedChunks(buffer_chunks)
 
     def _check_draws(self, draws: str) -> None:
         reader, forms = self.reader, target_forms(self.reader.identity)
@@ -172,15 +170,7 @@ class CacheExamples(Dataset):
         return self.reader.sequences(self.split)
 
     def _chunk(self, chunk: int) -> dict[str, np.ndarray]:
-        hit = self._chunks.get(chunk)
-        if hit is None:
-            hit = self.reader.read_chunk(self.split, chunk, self.groups)
-            self._chunks[chunk] = hit
-            while len(self._chunks) > self.buffer_chunks:
-                self._chunks.popitem(last=False)
-        else:
-            self._chunks.move_to_end(chunk)
-        return hit
+        return self._chunks.get(chunk, lambda: self.reader.read_chunk(self.split, chunk, self.groups))
 
     def __getitem__(self, sequence_id: int) -> dict:
         sequence_id = int(sequence_id)
@@ -208,11 +198,6 @@ class CacheExamples(Dataset):
             name = hidden_name(layer)
             out[name] = decode_hidden(row[name], row.get(name + "_scale"), self.reader.identity["hidden_dtype"])
         return out
-
-    def __getstate__(self):  # DataLoader workers start with no decoded chunks
-        state = dict(self.__dict__)
-        state["_chunks"] = OrderedDict()
-        return state
 
     def to_hf(self):
         """The same examples as a `datasets.IterableDataset` (torch format), in sequence order. Its shards are

@@ -199,6 +199,28 @@ def epoch_order(n: int, chunk_rows: int, buffer_chunks: int, seed: int, epoch: i
     return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
 
 
+class DecodedChunks:
+    """The last `capacity` decoded chunks, least recently used out first: readers that go through a chunk's
+    rows one by one (training order, a map-style dataset) decompress each chunk once. Pickled empty, so each
+    DataLoader worker decodes its own."""
+
+    def __init__(self, capacity: int):
+        self.capacity, self._chunks = capacity, OrderedDict()
+
+    def get(self, key, decode):
+        hit = self._chunks.get(key)
+        if hit is None:
+            hit = self._chunks[key] = decode()
+            while len(self._chunks) > self.capacity:
+                self._chunks.popitem(last=False)
+        else:
+            self._chunks.move_to_end(key)
+        return hit
+
+    def __getstate__(self):
+        return {"capacity": self.capacity, "_chunks": OrderedDict()}
+
+
 @dataclass
 class FieldSchedule:
     """Which field groups micro-batch m (counted over the whole run) needs: `always`, plus `extra[g]` on
@@ -235,7 +257,7 @@ class CacheDataset(IterableDataset):
         self.available = self.reader.sequences(split)
         self.n = min(self.available, limit) if limit else self.available
         self.epoch, self.start_batch = 0, 0
-        self._chunks: OrderedDict = OrderedDict()
+        self._chunks = DecodedChunks(buffer_chunks + 2)
 
     @property
     def global_batch(self) -> int:
@@ -251,16 +273,7 @@ class CacheDataset(IterableDataset):
         self.epoch, self.start_batch = epoch, start_batch
 
     def _chunk(self, chunk: int, groups: set[str]) -> dict[str, np.ndarray]:
-        key = (chunk, frozenset(groups))
-        hit = self._chunks.get(key)
-        if hit is None:
-            hit = self.reader.read_chunk(self.split, chunk, groups)
-            self._chunks[key] = hit
-            while len(self._chunks) > self.buffer_chunks + 2:
-                self._chunks.popitem(last=False)
-        else:
-            self._chunks.move_to_end(key)
-        return hit
+        return self._chunks.get((chunk, frozenset(groups)), lambda: self.reader.read_chunk(self.split, chunk, groups))
 
     def batch(self, order: np.ndarray, b: int, run_batch: int) -> dict[str, torch.Tensor] | None:
         g = self.global_batch
@@ -278,11 +291,6 @@ class CacheDataset(IterableDataset):
         out["micro_batch"] = torch.tensor(b)
         out["epoch"] = torch.tensor(self.epoch)
         return out
-
-    def __getstate__(self):  # workers start with an empty chunk cache
-        state = dict(self.__dict__)
-        state["_chunks"] = OrderedDict()
-        return state
 
     def __iter__(self):
         info = get_worker_info()
