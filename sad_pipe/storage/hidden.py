@@ -178,6 +178,25 @@ def read_basis(cache) -> HiddenBasis | None:
     return HiddenBasis.from_bytes(cache.read_bytes(BASIS_FILE))
 
 
+def encode_states(h: torch.Tensor, dtype: str, basis: HiddenBasis | None = None, layer: int | None = None,
+                  keep: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """One layer's states h [B, T, D] as a shard stores them: at the kept positions keep [B, K] (None: all),
+    as basis coefficients when `basis` is given, encoded as `dtype` (codecs.encode_hidden).
+    Returns {"values": [B, K, width], "scale": [B, K] (int8 only)}, on h's device."""
+    from sad_pipe.storage.codecs import encode_hidden
+
+    if keep is not None:
+        h = h.gather(1, keep.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
+    if basis is not None:
+        h = basis.project(layer, h)
+    b, k = h.shape[:2]
+    enc = encode_hidden(h.reshape(b * k, -1), dtype)
+    out = {"values": enc["values"].reshape(b, k, -1)}
+    if "scale" in enc:
+        out["scale"] = enc["scale"].reshape(b, k)
+    return out
+
+
 def reconstruction_error(h: torch.Tensor, approx: torch.Tensor) -> dict[str, float]:
     """Relative error ||h - approx|| / ||h|| over all rows, and the mean cosine per row. h, approx [n, D]."""
     h, approx = h.double(), approx.double()

@@ -13,8 +13,8 @@ import torch
 
 from sad_pipe.pipeline.config import Config
 from sad_pipe.stages.cache_teacher.vocab import chunk_rows, draw, logsumexp, top_k
-from sad_pipe.storage.codecs import TopKScheme, encode_hidden, encode_samples, encode_topk, position_dtype
-from sad_pipe.storage.hidden import KEPT, HiddenBasis, kept_positions
+from sad_pipe.storage.codecs import TopKScheme, encode_samples, encode_topk, position_dtype
+from sad_pipe.storage.hidden import KEPT, HiddenBasis, encode_states, kept_positions
 from sad_pipe.storage.manifest import hidden_name, topk_scheme
 
 
@@ -159,7 +159,7 @@ class TeacherRunner:
         if not self.layers:
             return {}
         positions = (self.hidden or {}).get("positions", "all")
-        b, t = states[self.layers[0]].shape[:2]
+        t = states[self.layers[0]].shape[1]
         keep = None
         arrays = {}
         if positions != "all":
@@ -172,16 +172,10 @@ class TeacherRunner:
         if rank and self.basis is None:
             raise ValueError("a low-rank cache's runner needs its basis (fit_basis or read_basis) before it runs")
         for layer in self.layers:
-            h = states[layer]
-            if keep is not None:
-                h = h.gather(1, keep.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
-            if rank:
-                h = self.basis.project(layer, h)
-            k = h.shape[1]
-            enc = encode_hidden(h.reshape(b * k, -1), self.hidden_dtype)
-            arrays[hidden_name(layer)] = enc["values"].reshape(b, k, -1)
+            enc = encode_states(states[layer], self.hidden_dtype, self.basis if rank else None, layer, keep)
+            arrays[hidden_name(layer)] = enc["values"]
             if "scale" in enc:
-                arrays[hidden_name(layer) + "_scale"] = enc["scale"].reshape(b, k)
+                arrays[hidden_name(layer) + "_scale"] = enc["scale"]
         return arrays
 
     def _uniforms(self, split: str, sequences: list[int] | None, t: int, form: str) -> torch.Tensor:
