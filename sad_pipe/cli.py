@@ -263,12 +263,15 @@ def demo_report_cmd(demo_dir):
 
 @demo_group.command("compare")
 @click.argument("root", type=click.Path(file_okay=False, exists=True))
+@click.option("--baseline", "baselines", multiple=True, help="Method(s) to pair with (repeatable); default: ce and full.")
+@click.option("--within", type=float, default=1.0, show_default=True,
+              help="The verdict: every seed within this many % of the last baseline.")
 @_reporting_errors
-def demo_compare_cmd(root):
+def demo_compare_cmd(root, baselines, within):
     """Paired method differences over seeds: ROOT/seed-*/<method>/result.json -> ROOT/compare.md."""
     from sad_pipe.demo.report import build_comparison
 
-    click.echo(build_comparison(Path(root)))
+    click.echo(build_comparison(Path(root), tuple(baselines) or ("ce", "full"), within))
 
 
 @demo_group.command("diagnose")
