@@ -83,11 +83,16 @@ def _print(obj: dict, as_json: bool) -> None:
         click.echo(json.dumps(obj, indent=2, default=str))
         return
     for key, value in obj.items():
-        if isinstance(value, float):
-            value = f"{value:.4g}"
-        elif isinstance(value, dict):
-            value = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in value.items())
-        click.echo(f"{key:>28}: {value}")
+        click.echo(f"{key:>28}: {_text(value)}")
+
+
+def _text(value, nested: bool = False) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict):
+        inner = ", ".join(f"{k}={_text(v, True)}" for k, v in value.items())
+        return f"({inner})" if nested else inner
+    return str(value)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
