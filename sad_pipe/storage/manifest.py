@@ -85,8 +85,10 @@ def shard_arrays(identity: dict) -> list[ArraySpec]:
     hidden_dt = HIDDEN_DTYPES[identity["hidden_dtype"]].name
     mode = hidden_mode(identity)
     width = mode["rank"] or identity["teacher"]["hidden_size"]
-    max_length = identity["packing"]["max_length"]
-    kept = None if mode["positions"] == "all" else kept_count(mode["positions"], max_length)
+    kept = None
+    if mode["positions"] != "all":
+        max_length = identity["packing"]["max_length"]
+        kept = kept_count(mode["positions"], max_length)
     for layer in identity["layers"]:
         specs.append(ArraySpec(hidden_name(layer), hidden_dt, (width,), kept))
         if identity["hidden_dtype"] == "int8":
