@@ -15,13 +15,14 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sad-pipe-installed
 SAD := $(PY) -m sad_pipe.cli
 
-.PHONY: install test test-slow all demo compare bench gpu-check clean clean-demo help
+.PHONY: install test test-slow all demo compare compare-hidden bench gpu-check clean clean-demo help
 .DEFAULT_GOAL := help
 
 help:
 	@echo "make all        the whole pipeline on the embedded demo (no download), report in runs/demo/report.md"
 	@echo "make test       the test suite (what CI runs)"
 	@echo "make compare    the demo's method comparison over SEEDS seeds (default 3)"
+	@echo "make compare-hidden  the curriculum student from each hidden-state storage mode vs bf16 states, SEEDS seeds"
 	@echo "make bench      performance benchmarks -> bench/results.json, bench/results.md"
 	@echo "make gpu-check  on a CUDA machine: the benchmarks a GPU must measure -> bench/gpu-results.md"
 	@echo "make clean      remove the virtualenv, runs/ and build leftovers"

@@ -76,5 +76,31 @@ compare: $(COMPARE_CACHE)/manifest.json
 	done; done
 	$(SAD) demo compare $(COMPARE_DIR)
 
+# Hidden states a real cache can afford (README "Hidden states"): the curriculum student (feature + relation
+# phases after 30%) trained from caches of the demo teacher that differ only in how they store hidden states,
+# each saving paired with full bf16 states over seeds.
+#   make compare-hidden                       bf16 vs HIDDEN_MODES, STEPS steps, SEEDS seeds
+# Results: $(DEMO)/compare-hidden/<steps>/compare.md
+HIDDEN_MODES ?= rank32-int8 rank64-int8 bf16-every4
+HIDDEN_bf16 :=
+HIDDEN_int8 := --set cache.hidden_dtype=int8
+HIDDEN_rank32-int8 := --set cache.hidden_rank=32 --set cache.hidden_dtype=int8
+HIDDEN_rank64-int8 := --set cache.hidden_rank=64 --set cache.hidden_dtype=int8
+HIDDEN_rank32-bf16 := --set cache.hidden_rank=32
+HIDDEN_bf16-every4 := --set cache.hidden_positions=every:4
+HIDDEN_DIR := $(DEMO)/compare-hidden/$(STEPS)
+
+$(DEMO)/hidden-caches/%/manifest.json: $(DEMO)/teacher/result.json $(CONFIGS)/cache.json
+	$(SAD) cache-teacher --config $(CONFIGS)/cache.json --set cache.path=$(DEMO)/hidden-caches/$* $(HIDDEN_$*)
+
+compare-hidden: $(foreach m,bf16 $(HIDDEN_MODES),$(DEMO)/hidden-caches/$(m)/manifest.json)
+	@for s in $$(seq 0 $$(($(SEEDS) - 1))); do for m in bf16 $(HIDDEN_MODES); do \
+		d=$(HIDDEN_DIR)/seed-$$s/$$m; test -f $$d/result.json && continue; \
+		$(SAD) train-student --config $(CONFIGS)/student-small.json --config $(CONFIGS)/methods/curriculum.json \
+			--set cache.path=$(DEMO)/hidden-caches/$$m --set train.max_steps=$(STEPS) --set train.seed=$$s \
+			--set train.eval_steps=0 --set train.save_steps=0 --output $$d || exit 1; \
+	done; done
+	$(SAD) demo compare $(HIDDEN_DIR) --baseline bf16 --within 0.5
+
 clean-demo:
 	rm -rf $(DEMO)

@@ -83,11 +83,16 @@ def _print(obj: dict, as_json: bool) -> None:
         click.echo(json.dumps(obj, indent=2, default=str))
         return
     for key, value in obj.items():
-        if isinstance(value, float):
-            value = f"{value:.4g}"
-        elif isinstance(value, dict):
-            value = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in value.items())
-        click.echo(f"{key:>28}: {value}")
+        click.echo(f"{key:>28}: {_text(value)}")
+
+
+def _text(value, nested: bool = False) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict):
+        inner = ", ".join(f"{k}={_text(v, True)}" for k, v in value.items())
+        return f"({inner})" if nested else inner
+    return str(value)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -263,12 +268,15 @@ def demo_report_cmd(demo_dir):
 
 @demo_group.command("compare")
 @click.argument("root", type=click.Path(file_okay=False, exists=True))
+@click.option("--baseline", "baselines", multiple=True, help="Method(s) to pair with (repeatable); default: ce and full.")
+@click.option("--within", type=float, default=1.0, show_default=True,
+              help="The verdict: every seed within this many % of the last baseline.")
 @_reporting_errors
-def demo_compare_cmd(root):
+def demo_compare_cmd(root, baselines, within):
     """Paired method differences over seeds: ROOT/seed-*/<method>/result.json -> ROOT/compare.md."""
     from sad_pipe.demo.report import build_comparison
 
-    click.echo(build_comparison(Path(root)))
+    click.echo(build_comparison(Path(root), tuple(baselines) or ("ce", "full"), within))
 
 
 @demo_group.command("diagnose")

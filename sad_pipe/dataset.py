@@ -42,6 +42,7 @@ from torch.utils.data import Dataset, default_collate
 
 from sad_pipe.errors import CacheError
 from sad_pipe.storage.codecs import decode_hidden, decode_samples, decode_topk, torch_view
+from sad_pipe.storage.hidden import describe_positions, hidden_mode, positions_subsampled
 from sad_pipe.storage.manifest import hidden_name, target_forms
 from sad_pipe.storage.reader import CacheReader, DecodedChunks, epoch_order
 
@@ -144,6 +145,13 @@ class CacheExamples(Dataset):
         missing = [l for l in self.layers if l not in reader.layers]
         if missing:
             raise CacheError(f"layers {missing}: {reader.url} holds the teacher's hidden states {reader.layers} only")
+        if self.layers and (reader.hidden_rank or positions_subsampled(reader.identity)):
+            mode = hidden_mode(reader.identity)
+            raise CacheError(f"layers {self.layers}: {reader.url} stores hidden states as "
+                             + (f"rank-{mode['rank']} basis coefficients" if mode["rank"] else "full states")
+                             + f" at positions {describe_positions(mode['positions'])} (cache.hidden_rank / "
+                             "hidden_positions); this API serves full states at every position: read the "
+                             "coefficients with sad_pipe.storage.reader.CacheReader and its basis()")
         if self.layers:
             self.groups.add("hidden")
         self.buffer_chunks = buffer_chunks

@@ -78,6 +78,20 @@ def test_storage_figures_come_from_profiled_teachers_on_every_index_range(quick_
     assert all("top-16/64/256 mass" in name and "nats" in name for name in sized)
 
 
+def test_hidden_benchmark_measures_every_mode_from_written_bytes(quick_run):
+    """Each storage mode of the hidden states has its bytes and its reconstruction; more rank, less error."""
+    out, _ = quick_run
+    rows = json.loads((out / "results.json").read_text())["benchmarks"]["hidden"]["data"]["hidden_modes"]
+    for layer in {r["layer"] for r in rows}:
+        mine = {r["mode"]: r for r in rows if r["layer"] == layer}
+        assert mine["bf16"]["ratio_vs_bf16"] == 1.0 and mine["bf16"]["relative_error"] < 0.01
+        assert mine["int8"]["bytes_per_token"] < mine["bf16"]["bytes_per_token"]
+        low = [mine[f"rank{r}-bf16"] for r in (4, 8)]
+        assert low[0]["relative_error"] > low[1]["relative_error"] and low[0]["cosine"] < low[1]["cosine"]
+        assert low[0]["variance_explained"] < low[1]["variance_explained"] < 1
+        assert mine["bf16 every:4"]["bytes_per_token"] < 0.5 * mine["bf16"]["bytes_per_token"]
+
+
 def test_quick_suite_writes_markdown_table(quick_run):
     out, result = quick_run
     text = (out / "results.md").read_text()

@@ -1,6 +1,7 @@
 """`sad-pipe bench`: the performance figures that justify the design, each a ratio measured side by side.
 
     storage        top-k codecs (bytes/token, speed, KL at T=2) and hidden-state dtypes  (storage.py)
+    hidden         hidden states per mode at width 1024: bytes, reconstruction error    (hidden.py)
     cache-teacher  stage one's wall time ÷ the bare teacher forward                    (cache_overhead.py)
     online-kd      training from the cache vs online KD: tokens/s and peak memory      (online_kd.py)
     loader         sequences/s the loader delivers ÷ sequences/s the student consumes  (loader.py)
@@ -44,6 +45,7 @@ log = logging.getLogger("sad_pipe.bench")
 
 BENCHMARKS = {
     "storage": "sad_pipe.bench.storage",
+    "hidden": "sad_pipe.bench.hidden",
     "cache-teacher": "sad_pipe.bench.cache_overhead",
     "online-kd": "sad_pipe.bench.online_kd",
     "loader": "sad_pipe.bench.loader",

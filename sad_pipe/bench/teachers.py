@@ -103,6 +103,12 @@ TINY = TeacherRecipe(corpus_mb=0.3, vocab=512, width={"hidden_size": 32, "interm
                                                       "num_attention_heads": 2},
                      max_length=64, steps=6, batch=4, lr=3e-3, warmup=1)
 TINY_WIDE = replace(TINY, vocab=1024)
+# The hidden-state fidelity bench (bench/hidden.py) needs a real width: low-rank projections and int8 behave
+# by the spectrum of trained states, which a 256-wide teacher does not show. Llama-shaped, 2 x 1024, V=2048,
+# trained 200 steps of 8 x 128 tokens (about 10 CPU-minutes on one thread): its states come from training.
+WIDE = TeacherRecipe(corpus_mb=4.0, vocab=2048, width={"hidden_size": 1024, "intermediate_size": 2048,
+                                                       "num_hidden_layers": 2, "num_attention_heads": 16},
+                     max_length=128, steps=200, batch=8, lr=1e-3, warmup=20)
 
 
 @dataclass

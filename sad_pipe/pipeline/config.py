@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sad_pipe.errors import ConfigError
 
@@ -85,13 +85,19 @@ class CacheConfig(Section):
     sample_temperature: float = Field(1.0, gt=0)
     """Temperature of the teacher distribution sampled from; must be one of `temperatures` (hybrid weights the draws by the tail mass there)."""  # noqa: E501
     sample_seed: int = 0
-    """Seeds the draws; each sequence's draws depend only on (seed, split, sequence), so a cache is the same for any batch size or number of ranks."""  # noqa: E501
+    """Seeds the draws (and hidden_positions random:p); each sequence's draws depend only on (seed, split, sequence), so a cache is the same for any batch size or number of ranks."""  # noqa: E501
     temperatures: list[float] = [1.0, 2.0]
     """Temperatures at which the full-vocabulary logsumexp is stored (the tail mass is exact only at these)."""
     values: Literal["uint8", "fp16", "bf16"] = "uint8"
     """Top-k value encoding: uint8 gaps below the token's max logit (default), or fp16/bf16 gaps (near-lossless)."""
     hidden_dtype: Literal["bf16", "fp16", "int8"] = "bf16"
-    """Hidden-state encoding; int8 adds one scale per token."""
+    """Hidden-state encoding (of the full state, or of its hidden_rank coefficients); int8 adds one scale per token."""
+    hidden_rank: int | None = Field(None, gt=0)
+    """Store each cached layer's state as R coefficients in a basis fitted at cache time (PCA of the teacher's states over the first hidden_fit_tokens train tokens, document starts left out; mean, basis and variance explained are stored once in the cache): R * (1 or 2) bytes per token and layer instead of width * 2. The student's feature and relation losses then work in those R dimensions. null: the full width."""  # noqa: E501
+    hidden_fit_tokens: int = Field(65536, gt=1)
+    """Tokens (the first of the train split, in plan order) the hidden_rank basis is fitted on; the same basis serves every rank."""  # noqa: E501
+    hidden_positions: str = "all"
+    """Positions whose hidden states are stored: all; every:N (positions 0, N, 2N, ... of each sequence); random:p (round(p * max_length) positions per sequence, drawn from sample_seed, the split and the sequence number). The feature and relation losses use only those."""  # noqa: E501
     store_target_logprob: bool = True
     """Store the teacher's log-prob of the true next token (gives the teacher's own CE for reference)."""
     sequences_per_shard: int = Field(256, gt=0)
@@ -100,6 +106,12 @@ class CacheConfig(Section):
     """Sequences per compressed chunk (the unit of decompression)."""
     queue_depth: int = Field(2, gt=0)
     """Finished batches waiting for the background writer before the teacher pauses."""
+
+    @field_validator("hidden_positions")
+    @classmethod
+    def _positions(cls, value: str) -> str:
+        hidden_positions(value)  # raises ValueError with the one-line explanation
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> CacheConfig:
@@ -116,6 +128,21 @@ class CacheConfig(Section):
             raise ValueError(f"sample_temperature {self.sample_temperature:g} must be one of temperatures "
                              f"{self.temperatures} (the logsumexp there weights the draws)")
         return self
+
+
+def hidden_positions(value: str, seed: int = 0) -> str | dict:
+    """cache.hidden_positions as the identity records it: "all", {"every": N} or {"random": p, "seed": seed}."""
+    kind, _, arg = value.partition(":")
+    try:
+        if kind == "all" and not arg:
+            return "all"
+        if kind == "every" and int(arg) >= 1 and str(int(arg)) == arg:
+            return {"every": int(arg)}
+        if kind == "random" and 0 < float(arg) <= 1:
+            return {"random": float(arg), "seed": seed}
+    except ValueError:
+        pass
+    raise ValueError(f"expected all, every:N (an integer N >= 1) or random:p (0 < p <= 1), found {value!r}")
 
 
 class StudentConfig(Section):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from sad_pipe.errors import CacheError
 from sad_pipe.storage.fs import CacheFS
-from sad_pipe.storage.manifest import cache_id, missing_shards, read_commits, read_plan
+from sad_pipe.storage.hidden import KEPT, describe_positions, hidden_mode, mode_name, read_basis
+from sad_pipe.storage.manifest import cache_id, hidden_name, missing_shards, read_commits, read_plan
 
 
 def describe(url: str) -> dict:
@@ -39,6 +40,8 @@ def describe(url: str) -> dict:
     }
     out.update(bytes_per_token(plan, commits))
     out.update(stored_positions(plan))
+    if ident["layers"] and teacher:
+        out["hidden"] = hidden_layers(cache, plan, out["bytes_per_token_by_array"])
     mass = topk_mass(ident["temperatures"], commits)
     if mass:
         out["topk_mass"] = mass
@@ -97,4 +100,26 @@ def topk_mass(temperatures: list[float], commits: dict) -> dict[str, float]:
         positions = sum(r["stats"].get("positions", r["stats"]["tokens"]) for r in records)
         if positions:
             out[f"T{t:g}"] = sum(r["stats"][key] for r in records) / positions
+    return out
+
+
+def hidden_layers(cache: CacheFS, plan, by_array: dict) -> dict:
+    """How the hidden states are stored and, per layer, their bytes per token (states + scales, and a share
+    of the kept positions) and, for a low-rank cache, the variance its rank explains on the fit sample."""
+    ident = plan.identity
+    mode = hidden_mode(ident)
+    basis = read_basis(cache) if mode["rank"] else None
+    layers = {}
+    for layer in ident["layers"]:
+        name = hidden_name(layer)
+        entry = {"bytes_per_token": by_array.get(name, 0.0) + by_array.get(name + "_scale", 0.0)
+                 + by_array.get(KEPT, 0.0) / len(ident["layers"])}
+        if basis is not None:
+            entry["variance_explained"] = basis.variance_explained(layer)
+        layers[str(layer)] = entry
+    out = {"mode": mode_name(mode["rank"], ident["hidden_dtype"], mode["positions"]),
+           "width": mode["rank"] or ident["teacher"]["hidden_size"], "teacher_width": ident["teacher"]["hidden_size"],
+           "positions": describe_positions(mode["positions"]), "layers": layers}
+    if basis is not None:
+        out["fit_states"] = basis.fit_tokens
     return out

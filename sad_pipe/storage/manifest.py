@@ -17,8 +17,9 @@ from typing import Any
 import numpy as np
 
 from sad_pipe.errors import CacheError, IdentityMismatch
-from sad_pipe.storage.codecs import HIDDEN_DTYPES, TopKScheme, compressor_for
+from sad_pipe.storage.codecs import HIDDEN_DTYPES, TopKScheme, compressor_for, position_dtype
 from sad_pipe.storage.fs import CacheFS
+from sad_pipe.storage.hidden import KEPT, hidden_mode, kept_count
 
 FORMAT = "sad-pipe-cache"
 FORMAT_VERSION = 2
@@ -36,14 +37,26 @@ class ArraySpec:
     name: str
     dtype: str
     per_token: tuple[int, ...] = ()
+    positions: int | None = None  # rows per sequence when not every position is stored (hidden_positions)
 
     @property
     def bytes_per_token(self) -> int:
+        """Bytes of one stored row (a token, or one kept position)."""
         return int(np.dtype(self.dtype).itemsize * int(np.prod(self.per_token, dtype=np.int64)))
 
+    def rows(self, max_length: int) -> int:
+        """Rows per sequence: max_length, or the kept positions."""
+        return max_length if self.positions is None else self.positions
+
+    def bytes_per_sequence(self, max_length: int) -> int:
+        return self.bytes_per_token * self.rows(max_length)
+
     def to_json(self) -> dict:
-        return {"dtype": self.dtype, "per_token": list(self.per_token),
-                "compressor": compressor_for(self.name, np.dtype(self.dtype))}
+        out = {"dtype": self.dtype, "per_token": list(self.per_token),
+               "compressor": compressor_for(self.name, np.dtype(self.dtype))}
+        if self.positions is not None:
+            out["positions"] = self.positions
+        return out
 
 
 def hidden_name(layer: int) -> str:
@@ -70,10 +83,18 @@ def shard_arrays(identity: dict) -> list[ArraySpec]:
     if identity["store_target_logprob"]:
         specs.append(ArraySpec("target_logprob", "float32"))
     hidden_dt = HIDDEN_DTYPES[identity["hidden_dtype"]].name
+    mode = hidden_mode(identity)
+    width = mode["rank"] or identity["teacher"]["hidden_size"]
+    kept = None
+    if mode["positions"] != "all":
+        max_length = identity["packing"]["max_length"]
+        kept = kept_count(mode["positions"], max_length)
     for layer in identity["layers"]:
-        specs.append(ArraySpec(hidden_name(layer), hidden_dt, (identity["teacher"]["hidden_size"],)))
+        specs.append(ArraySpec(hidden_name(layer), hidden_dt, (width,), kept))
         if identity["hidden_dtype"] == "int8":
-            specs.append(ArraySpec(hidden_name(layer) + "_scale", "float32"))
+            specs.append(ArraySpec(hidden_name(layer) + "_scale", "float32", (), kept))
+    if kept is not None and identity["layers"]:
+        specs.append(ArraySpec(KEPT, position_dtype(max_length).name, (), kept))
     return specs
 
 

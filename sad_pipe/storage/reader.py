@@ -8,7 +8,8 @@ shard is committed. Reads ask for *field groups*, so a KD-only phase never touch
     tail_samples    tail_ids, tail_counts: draws from outside the top-k (targets hybrid)
     lse             logsumexp of the full-vocabulary logits / T, one per cached T
     target_logprob  teacher log-prob of the true next token
-    hidden          every cached hidden_<layer> (+ _scale)
+    hidden          every cached hidden_<layer> (+ _scale), and kept_positions where only some positions
+                    hold states (cache.hidden_positions); low-rank caches hold basis coefficients
 Every chunk carries a crc32c, so a damaged chunk raises `CacheError` naming its shard instead of
 decoding into plausible-looking garbage.
 """
@@ -26,6 +27,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from sad_pipe.errors import CacheError
 from sad_pipe.storage.fs import CacheFS
+from sad_pipe.storage.hidden import KEPT, hidden_rank, read_basis
 from sad_pipe.storage.manifest import Plan, read_manifest, topk_scheme
 
 FIELD_GROUPS = ("input_ids", "topk", "samples", "tail_samples", "lse", "target_logprob", "hidden")
@@ -74,6 +76,20 @@ class CacheReader:
         return list(self.identity["layers"])
 
     @property
+    def hidden_rank(self) -> int | None:
+        """R when the cache holds hidden states as coefficients in its basis (storage/hidden.py), else None."""
+        return hidden_rank(self.identity)
+
+    @property
+    def hidden_width(self) -> int:
+        """Width of the cached hidden states: the rank of a low-rank cache, else the teacher's width."""
+        return self.hidden_rank or self.identity["teacher"]["hidden_size"]
+
+    def basis(self):
+        """The low-rank cache's HiddenBasis (None for full-width states)."""
+        return read_basis(self.cache) if self.hidden_rank else None
+
+    @property
     def temperatures(self) -> list[float]:
         return list(self.identity["temperatures"])
 
@@ -101,7 +117,7 @@ class CacheReader:
                 prefix = "sample" if g == "samples" else "tail"
                 wanted = [f"{prefix}_ids", f"{prefix}_counts"]
             elif g == "hidden":
-                wanted = [n for n in self.specs if n.startswith("hidden_")]
+                wanted = [n for n in self.specs if n.startswith("hidden_") or n == KEPT]
             elif g in ("lse", "target_logprob"):
                 wanted = [g]
             else:

@@ -18,6 +18,7 @@ import numpy as np
 
 from sad_pipe.errors import CacheError
 from sad_pipe.storage.fs import CacheFS
+from sad_pipe.storage.hidden import BASIS_FILE, KEPT
 from sad_pipe.storage.manifest import (
     SPLITS,
     ArraySpec,
@@ -129,7 +130,7 @@ def _check_arrays(cache: CacheFS, rel: str, specs: list[ArraySpec], sequences: t
     for spec in specs:
         try:
             arr = group[spec.name]
-            expected = (rows, max_length, *spec.per_token)
+            expected = (rows, spec.rows(max_length), *spec.per_token)
             if tuple(arr.shape) != expected or arr.dtype != np.dtype(spec.dtype):
                 report.add(where, f"{spec.name}: {arr.dtype}{list(arr.shape)}, expected {spec.dtype}{list(expected)}")
                 continue
@@ -168,6 +169,10 @@ def _value_problem(spec: ArraySpec, data: np.ndarray, vocab: int, values: str) -
     if spec.name.startswith("hidden_") and spec.dtype == "uint16":  # bf16 bits: exponent all ones = Inf/NaN
         if np.any((data & 0x7F80) == 0x7F80):
             return "non-finite hidden state"
+        return None
+    if spec.name == KEPT:  # ascending positions within the sequence
+        if data.shape[-1] > 1 and not (np.diff(data.astype(np.int64), axis=-1) > 0).all():
+            return "kept positions not strictly ascending"
         return None
     if data.dtype.kind == "f" and not np.isfinite(data).all():
         return "non-finite values"
@@ -335,7 +340,7 @@ def drop_shards(url: str, shards: list[tuple[str, int]]) -> None:
 
 
 # What a cache-teacher run creates in its directory before plan.json exists (plus `*.partial` files).
-UNPLANNED_ENTRIES = ("_tmp", "tokens", "commits", "shards", "tokenizer", "config.json")
+UNPLANNED_ENTRIES = ("_tmp", "tokens", "commits", "shards", "tokenizer", "config.json", BASIS_FILE)
 
 
 def holds_only_unplanned_leftovers(cache: CacheFS) -> bool:
@@ -381,8 +386,10 @@ def collect_garbage(cache: CacheFS, *, unplanned: bool = False) -> dict:
     return {"removed": removed, "bytes": freed}
 
 
-def compressed_bytes_per_token(arrays: dict[str, np.ndarray], specs: list[ArraySpec], chunk_rows: int) -> dict[str, float]:
-    """Encode sample arrays [n, T, ...] exactly as a shard would and measure bytes per token."""
+def compressed_bytes_per_token(arrays: dict[str, np.ndarray], specs: list[ArraySpec], chunk_rows: int,
+                               max_length: int | None = None) -> dict[str, float]:
+    """Encode sample arrays [n, T, ...] exactly as a shard would and measure bytes per token (of max_length
+    tokens per sequence; by default the arrays' second axis, which an array of kept positions only is not)."""
     from sad_pipe.storage.writer import write_group
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -391,6 +398,6 @@ def compressed_bytes_per_token(arrays: dict[str, np.ndarray], specs: list[ArrayS
         sizes = cache.walk_files("sample")
     out = {}
     for spec in specs:
-        n_tokens = arrays[spec.name].shape[0] * arrays[spec.name].shape[1]
+        n_tokens = arrays[spec.name].shape[0] * (max_length or arrays[spec.name].shape[1])
         out[spec.name] = sum(v for k, v in sizes.items() if k.split("/", 1)[0] == spec.name) / n_tokens
     return out

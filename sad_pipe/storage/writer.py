@@ -96,7 +96,7 @@ class ShardWriter:
         self.max_length = plan.identity["packing"]["max_length"]
         self.specs = plan.arrays
         n = self.stop - self.start
-        self.buffers = {s.name: np.zeros((n, self.max_length, *s.per_token), dtype=s.dtype) for s in self.specs}
+        self.buffers = {s.name: np.zeros((n, s.rows(self.max_length), *s.per_token), dtype=s.dtype) for s in self.specs}
         self.filled = 0
         self.stats: dict[str, float] = {}
         self.tmp = f"_tmp/{split}-{shard:05d}-{uuid.uuid4().hex[:8]}"

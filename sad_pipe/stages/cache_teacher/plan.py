@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from sad_pipe.errors import ConfigError, DataError, IdentityMismatch
-from sad_pipe.pipeline.config import Config
+from sad_pipe.pipeline.config import Config, hidden_positions
 from sad_pipe.pipeline.data import (
     Document,
     PackedDocuments,
@@ -40,10 +40,13 @@ from sad_pipe.pipeline.models import (
     vocab_size_of,
 )
 from sad_pipe.pipeline.progress import progress_bar
+from sad_pipe.stages.cache_teacher.basis import fit_basis
 from sad_pipe.stages.cache_teacher.runner import attends_within_documents
 from sad_pipe.storage.codecs import id_dtype
 from sad_pipe.storage.fs import CacheFS
+from sad_pipe.storage.hidden import BASIS_FILE, hidden_rank
 from sad_pipe.storage.manifest import Plan, check_identity, read_plan
+from sad_pipe.storage.reader import open_tokens
 from sad_pipe.storage.verify import holds_only_unplanned_leftovers
 from sad_pipe.storage.writer import TokenWriter, create_plan, hash_tree, sha256_file
 
@@ -77,6 +80,9 @@ def _check_teacher(cfg: Config, teacher, tokenizer) -> None:
     bad = [i for i in cfg.teacher.layers if not 0 <= i <= n_layers]
     if bad:
         problems.append(f"teacher.layers {bad}: out of range; this teacher has hidden states 0..{n_layers}")
+    width = getattr(teacher.config, "hidden_size", None)
+    if cfg.teacher.layers and cfg.cache.hidden_rank is not None and width is not None and cfg.cache.hidden_rank > width:
+        problems.append(f"cache.hidden_rank {cfg.cache.hidden_rank}: larger than the teacher's width ({width})")
     if cfg.cache.top_k > min(vocab, len(tokenizer)):
         problems.append(f"cache.top_k {cfg.cache.top_k}: larger than the teacher's vocabulary ({min(vocab, len(tokenizer))})")
     context = max_positions_of(teacher)
@@ -111,7 +117,18 @@ def cache_identity(cfg: Config, tokenizer, teacher, tokenizer_name: str) -> dict
         "values": c.values, "hidden_dtype": c.hidden_dtype,
         "store_target_logprob": c.store_target_logprob and teacher is not None,
         "sequences_per_shard": c.sequences_per_shard, "sequences_per_chunk": c.sequences_per_chunk,
+        **_hidden_identity(cfg, teacher),
     }
+
+
+def _hidden_identity(cfg: Config, teacher) -> dict:
+    """How hidden states are stored, when not at full width and every position: absent then, so such caches
+    keep the identity (and the bytes) they always had. The fit sample is part of it: it decides the basis."""
+    c = cfg.cache
+    if teacher is None or not cfg.teacher.layers or (c.hidden_rank is None and c.hidden_positions == "all"):
+        return {}
+    rank = {"rank": c.hidden_rank, "fit_tokens": c.hidden_fit_tokens} if c.hidden_rank else {"rank": None}
+    return {"hidden": {**rank, "positions": hidden_positions(c.hidden_positions, c.sample_seed)}}
 
 
 def loss_mask_mode(cfg: Config) -> str:
@@ -160,10 +177,10 @@ def check_same_teacher(existing: dict, wanted: dict, where: str) -> None:
                                "use another cache path, or delete that cache to rebuild it")
 
 
-def create(cfg: Config, cache: CacheFS, tokenizer, identity: dict, batches=None) -> Plan:
-    """Pack the tokens, save the tokenizer, create plan.json. `batches`: the documents already tokenized
-    (see tokenize_share); None tokenizes them here. On failure a cache directory this call created is
-    removed again (nothing was committed)."""
+def create(cfg: Config, cache: CacheFS, tokenizer, identity: dict, batches=None, runner=None) -> Plan:
+    """Pack the tokens, save the tokenizer, (low-rank caches) fit the hidden-state basis with `runner`, create
+    plan.json. `batches`: the documents already tokenized (see tokenize_share); None tokenizes them here. On
+    failure a cache directory this call created is removed again (nothing was committed)."""
     created_root = not cache.exists("")
     try:
         plan = _pack(cfg, cache, tokenizer, identity, batches)
@@ -173,6 +190,12 @@ def create(cfg: Config, cache: CacheFS, tokenizer, identity: dict, batches=None)
         cache.write_atomic("config.json", (json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
         plan.files = {"config.json": {"size": cache.size("config.json"), "sha256": sha256_file(cache, "config.json")},
                       **{f"tokenizer/{name}": info for name, info in hash_tree(cache, "tokenizer").items()}}
+        rank = hidden_rank(identity)
+        if rank:  # the basis step: before the plan, so the plan (and every resumed run) names this one basis
+            basis = fit_basis(runner, open_tokens(cache, plan, "train"), rank, identity["hidden"]["fit_tokens"],
+                              cfg.teacher.batch_size)
+            cache.write_atomic(BASIS_FILE, basis.to_bytes())
+            plan.files[BASIS_FILE] = {"size": cache.size(BASIS_FILE), "sha256": sha256_file(cache, BASIS_FILE)}
         return create_plan(cache, plan)
     except BaseException:
         if created_root and cache.is_local and not cache.exists("plan.json"):
@@ -272,7 +295,7 @@ def check_free_space(cache: CacheFS, plan: Plan, todo: list[tuple[str, int]]) ->
     if not cache.is_local or not todo:
         return
     rows = sum(plan.splits[s]["shards"][i][1] - plan.splits[s]["shards"][i][0] for s, i in todo)
-    need = rows * plan.identity["packing"]["max_length"] * sum(spec.bytes_per_token for spec in plan.arrays)
+    need = rows * sum(spec.bytes_per_sequence(plan.identity["packing"]["max_length"]) for spec in plan.arrays)
     free = shutil.disk_usage(cache.root).free
     if need > free:
         log.warning("warning: cache.path %s: %s bytes free, but the %d shards still to write may need up to %s bytes "

@@ -8,11 +8,13 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from sad_pipe.pipeline.config import Config
 from sad_pipe.stages.cache_teacher.vocab import chunk_rows, draw, logsumexp, top_k
-from sad_pipe.storage.codecs import TopKScheme, encode_hidden, encode_samples, encode_topk
+from sad_pipe.storage.codecs import TopKScheme, encode_samples, encode_topk, position_dtype
+from sad_pipe.storage.hidden import KEPT, HiddenBasis, encode_states, kept_positions
 from sad_pipe.storage.manifest import hidden_name, topk_scheme
 
 
@@ -73,6 +75,8 @@ class TeacherRunner:
     store_target_logprob: bool
     tokens: int  # len(tokenizer): logits of the rows past it (a padded embedding table) are never a token
     targets: dict = field(default_factory=lambda: {"forms": ["topk"]})  # the identity's "targets"
+    hidden: dict | None = None  # the identity's "hidden" (storage/hidden.py); None: full states, every position
+    basis: HiddenBasis | None = None  # with hidden["rank"]: set once fitted or loaded (stage one's basis step)
 
     def __post_init__(self):
         self.head = self.model.get_output_embeddings()
@@ -99,12 +103,7 @@ class TeacherRunner:
         device. Positions outside loss_mask (never trained: a prompt, a document's last token facing the next
         document) hold zeros in every logit array, which compress to almost nothing."""
         b, t = input_ids.shape
-        # position_ids restarting per document make transformers mask attention per document (its packed-
-        # sequence path); running 0..T-1 (packing stream) they are the default. transformers 5 records hidden
-        # states with forward hooks and, given a list of indices, keeps only those.
-        hidden = list(self.layers) or False
-        model = self.model.base_model if self.plain_head else self.model
-        out = model(input_ids=input_ids, position_ids=position_ids, use_cache=False, output_hidden_states=hidden)
+        out = self._forward(input_ids, position_ids)
         rows = (out.last_hidden_state if self.plain_head else out.logits).reshape(b * t, -1)
         uniforms = {form: self._uniforms(split, sequences, t, form) for form in self.draws}
         # The teacher's prediction at position i is scored against token i + 1; the last position
@@ -128,11 +127,7 @@ class TeacherRunner:
         if self.store_target_logprob:
             logit_arrays["target_logprob"] = target
         arrays = {k: _zero_where_not(v, trained).reshape(b, t, *v.shape[1:]) for k, v in logit_arrays.items()}
-        for layer in self.layers:
-            enc = encode_hidden(out.hidden_states[layer].reshape(b * t, -1), self.hidden_dtype)
-            arrays[hidden_name(layer)] = enc["values"].reshape(b, t, -1)
-            if "scale" in enc:
-                arrays[hidden_name(layer) + "_scale"] = enc["scale"].reshape(b, t)
+        arrays.update(self._hidden_arrays(out.hidden_states, split, sequences))
         # top-k probability mass at each cached T: how much of the distribution the cache keeps exactly.
         temps = torch.tensor(self.temperatures, device=self.device)
         mass = torch.exp(torch.logsumexp(vals.unsqueeze(1) / temps[:, None], -1) - lse[:, :n_cached])
@@ -143,6 +138,45 @@ class TeacherRunner:
         for name in self.draws.values():  # distinct ids per position: what the draws cost
             stats[f"{name}_distinct"] = ((arrays[f"{name}_counts"] > 0).sum(-1) * loss_mask).sum()
         return arrays, stats
+
+    def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor):
+        # position_ids restarting per document make transformers mask attention per document (its packed-
+        # sequence path); running 0..T-1 (packing stream) they are the default. transformers 5 records hidden
+        # states with forward hooks and, given a list of indices, keeps only those.
+        model = self.model.base_model if self.plain_head else self.model
+        return model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                     output_hidden_states=list(self.layers) or False)
+
+    @torch.inference_mode()
+    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> dict[int, torch.Tensor]:
+        """The selected layers' raw states {layer: [B, T, D]} on the device (what the basis is fitted on)."""
+        out = self._forward(input_ids, position_ids)
+        return {layer: out.hidden_states[layer] for layer in self.layers}
+
+    def _hidden_arrays(self, states, split: str, sequences: list[int] | None) -> dict[str, torch.Tensor]:
+        """hidden_<L> (+ _scale) of every cached layer: at the kept positions, as basis coefficients when the
+        cache is low-rank, encoded as hidden_dtype; and kept_positions when not every position is kept."""
+        if not self.layers:
+            return {}
+        positions = (self.hidden or {}).get("positions", "all")
+        t = states[self.layers[0]].shape[1]
+        keep = None
+        arrays = {}
+        if positions != "all":
+            if sequences is None:
+                raise ValueError("hidden_positions other than all need the split and sequence numbers of the batch")
+            kept = np.stack([kept_positions(positions, t, split, seq) for seq in sequences])
+            keep = torch.from_numpy(kept).to(self.device)
+            arrays[KEPT] = torch.from_numpy(kept.astype(position_dtype(t)))
+        rank = (self.hidden or {}).get("rank")
+        if rank and self.basis is None:
+            raise ValueError("a low-rank cache's runner needs its basis (fit_basis or read_basis) before it runs")
+        for layer in self.layers:
+            enc = encode_states(states[layer], self.hidden_dtype, self.basis if rank else None, layer, keep)
+            arrays[hidden_name(layer)] = enc["values"]
+            if "scale" in enc:
+                arrays[hidden_name(layer) + "_scale"] = enc["scale"]
+        return arrays
 
     def _uniforms(self, split: str, sequences: list[int] | None, t: int, form: str) -> torch.Tensor:
         """[B*T, N] uniforms in [0, 1), ascending per position (so the draws come out sorted), from each
@@ -180,7 +214,7 @@ def make_runner(cfg: Config, teacher, device: torch.device, identity: dict) -> T
         return None
     return TeacherRunner(teacher, device, topk_scheme(identity), list(cfg.cache.temperatures), list(cfg.teacher.layers),
                          cfg.cache.hidden_dtype, cfg.cache.store_target_logprob, identity["tokenizer"]["size"],
-                         identity["targets"])
+                         identity["targets"], identity.get("hidden"))
 
 
 def _zero_where_not(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,9 @@
 
     run(config) -> summary
       1. tokenizer + teacher; the cache identity (teacher, tokenizer, data, packing, k, layers, dtypes)
-      2. plan: reuse the existing one (same identity) or tokenize + pack into tokens/ and plan.json
+      2. plan: reuse the existing one (same identity) or tokenize + pack into tokens/ and plan.json; a
+         low-rank cache (cache.hidden_rank) first fits its hidden-state basis on the first train tokens
+         (basis.py), which the plan then names: a resumed run loads it
       3. every uncommitted shard: teacher forward -> top-k, logsumexp, hidden states on the device ->
          host -> encode, write and commit in a background thread, behind the next forward
       4. finalize: per-sequence index, then manifest.json (last, only when every shard is committed)
@@ -39,6 +41,7 @@ from sad_pipe.stages.cache_teacher.plan import (
 from sad_pipe.stages.cache_teacher.runner import TeacherRunner, make_runner
 from sad_pipe.stages.cache_teacher.sink import ShardSink, TeacherOutputError
 from sad_pipe.storage.fs import CacheFS
+from sad_pipe.storage.hidden import hidden_rank, read_basis
 from sad_pipe.storage.inspect import bytes_per_token, stored_positions, topk_mass
 from sad_pipe.storage.manifest import Plan, cache_id, missing_shards, read_commits, read_plan
 from sad_pipe.storage.verify import collect_garbage
@@ -68,17 +71,19 @@ def run(cfg: Config, *, dry_run: bool = False) -> dict:
         count = tokenize_share(cfg, cache, tokenizer, rank, world)
         distributed.barrier()
         batches = tokenized_batches(cache, count)
+    runner = make_runner(cfg, teacher, device, identity)
     if rank == 0:
         if plan is None:
-            plan = create(cfg, cache, tokenizer, identity, batches)
+            plan = create(cfg, cache, tokenizer, identity, batches, runner)
             if batches is not None:
                 cache.remove(TOKENIZED)
     distributed.barrier()
     plan = read_plan(cache)
+    if runner is not None and hidden_rank(identity):  # the plan's basis, fitted by create: never refitted
+        runner.basis = read_basis(cache)
     missing = missing_shards(plan, read_commits(cache))
     todo = [(s, i) for s, i in missing if i % world == rank]
     figures = {"forward_seconds": 0.0, "fill_seconds": 0.0, "tokens": 0, "committed": 0}
-    runner = make_runner(cfg, teacher, device, identity)
     if rank == 0 and runner is not None:
         check_free_space(cache, plan, missing)
     if runner is not None and todo:

@@ -222,6 +222,20 @@ def feature_loss(student: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
     return _mean((err * mask).sum(), mask.sum())
 
 
+def routed_feature_loss(projected: dict[int, torch.Tensor], targets: list[torch.Tensor], routing: torch.Tensor,
+                        mask: torch.Tensor) -> torch.Tensor:
+    """Feature loss against a low-rank cache, where every teacher layer has its own basis, so the layers'
+    coefficients live in different coordinates and are never mixed: the mixture is of the per-layer losses.
+    projected {layer j: [B, T, R]} (the student state projected into layer j's basis), targets L x [B, T, R]
+    (standardised), routing [B, L], mask [B, T]. With a one-hot routing on layer j this is
+    feature_loss(projected[j], targets[j], mask)."""
+    total = mask.new_zeros((), dtype=torch.float32)
+    for j, p in projected.items():
+        err = (standardize(p) - targets[j].float()).pow(2).mean(-1)  # [B, T]
+        total = total + (routing[:, j].float() * (err * mask).sum(-1)).sum()
+    return _mean(total, mask.sum())
+
+
 def relation_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor,
                   segments: torch.Tensor | None = None) -> torch.Tensor:
     """Token-relation transfer: KL(R_t || R_s), R = softmax(H H^T / sqrt(d)) over the causal past.

@@ -62,12 +62,14 @@ from sad_pipe.stages.train_student.losses import (
     feature_loss,
     fit_vocabulary,
     relation_loss,
+    routed_feature_loss,
     vocab_losses,
 )
 from sad_pipe.stages.train_student.memory import CachedArrays, ModelShape, RunShape, device_memory, project_memory
 from sad_pipe.stages.train_student.router import LayerRouter
 from sad_pipe.stages.train_student.tracking import MetricsLog, check_trackers
 from sad_pipe.storage.codecs import decode_hidden, decode_samples, decode_topk
+from sad_pipe.storage.hidden import KEPT
 from sad_pipe.storage.manifest import cache_id, hidden_name, target_forms
 from sad_pipe.storage.reader import CacheDataset, CacheReader, FieldSchedule
 from sad_pipe.storage.verify import check_plan_files
@@ -109,11 +111,14 @@ class DistillModel(nn.Module):
     def base(self) -> nn.Module:
         return getattr(self.student, self.student.base_model_prefix)
 
-    def forward(self, input_ids, position_ids, student_layers: list[int] | None, teacher_states=None, mask=None):
+    def forward(self, input_ids, position_ids, student_layers: list[int] | None, teacher_states=None, mask=None,
+                keep=None):
         # position_ids restarting per document: transformers masks attention per document (packed sequences).
         out = self.base(input_ids=input_ids, position_ids=position_ids, use_cache=False,
                         output_hidden_states=student_layers or False)
         states = [out.hidden_states[i] for i in student_layers] if student_layers else []
+        if keep is not None:  # keep [B, K]: the positions whose teacher states the cache holds (hidden_positions)
+            states = [h.gather(1, keep.unsqueeze(-1).expand(-1, -1, h.shape[-1])) for h in states]
         routed = None
         if teacher_states is not None and self.router is not None:
             routed = self.router(states, teacher_states, mask)
@@ -377,8 +382,11 @@ def _field_schedule(cfg: Config, total_steps: int, mb_per_epoch: int, steps_per_
 def _router(cfg: Config, reader: CacheReader, student: nn.Module, student_layers: list[int]) -> LayerRouter:
     """Projections of the matched student layers to the teacher's width, and the learned (or fixed) mixture of
     cached teacher layers each one is matched to."""
-    t_width = reader.identity["teacher"]["hidden_size"]
+    t_width = reader.hidden_width  # a low-rank cache: the rank (the student is projected into each layer's basis)
     s_width, n_student = hidden_size_of(student), num_layers_of(student)
+    if not cfg.loss.feature_projection and reader.hidden_rank:
+        raise ConfigError(f"loss.feature_projection false: the cache holds rank-{reader.hidden_rank} coefficients of "
+                          "the teacher's states (cache.hidden_rank), which the student is always projected onto")
     if not cfg.loss.feature_projection and s_width != t_width:
         raise ConfigError(f"loss.feature_projection false needs equal widths: student {s_width}, teacher {t_width}; "
                           "turn the projection on or pick a student of the teacher's width")
@@ -386,7 +394,7 @@ def _router(cfg: Config, reader: CacheReader, student: nn.Module, student_layers
     n_teacher = reader.identity["teacher"]["num_layers"]
     fixed = [min(range(n_t), key=lambda j: abs(reader.layers[j] / n_teacher - s / n_student)) for s in student_layers]
     return LayerRouter(s_width, t_width, len(student_layers), n_t, learned=cfg.loss.feature_router,
-                       project=cfg.loss.feature_projection, fixed_map=fixed)
+                       project=cfg.loss.feature_projection, fixed_map=fixed, per_layer=reader.hidden_rank is not None)
 
 
 def _online_teacher(cfg: Config, reader: CacheReader, tokenizer, device: torch.device) -> nn.Module:
@@ -493,7 +501,7 @@ def _memory_plan(cfg: Config, reader: CacheReader, core: DistillModel, teacher: 
     arrays = CachedArrays(top_k=(cfg.loss.kd_top_k or reader.scheme.k) if "topk" in groups else 0,
                           lse_temperatures=len(reader.temperatures) if "lse" in groups else 0, draws=draws,
                           hidden_layers=len(reader.layers) if uses_hidden else 0,
-                          teacher_hidden=reader.identity["teacher"]["hidden_size"] if uses_hidden else 0,
+                          teacher_hidden=reader.hidden_width if uses_hidden else 0,
                           entry_bytes=reader.scheme.id_dtype.itemsize + reader.scheme.value_dtype.itemsize
                           if reader.has_teacher else 3)
     # Each loader process (the main one, or each worker) keeps up to shuffle_buffer_chunks + 2 chunks decompressed.
@@ -571,9 +579,11 @@ def batch_losses(s: Setup, batch: dict[str, torch.Tensor], weights: dict[str, fl
     b, t = ids.shape
     labels = torch.cat([ids[:, 1:], torch.full((b, 1), -1, device=dev, dtype=ids.dtype)], dim=1)
     ce_mask, kd_mask = (m.to(dev, non_blocking=True) for m in loss_masks(s, batch))
-    token_mask = torch.ones(b, t, device=dev)  # hidden-state losses: every position has a state to match
     want = {c for c in COMPONENTS if weights[c] > 0}
     need_hidden = bool(want & {"feature", "relation"})
+    # Hidden-state losses: every position with a cached state counts; with hidden_positions, only those kept.
+    keep = batch[KEPT].to(dev).long() if need_hidden and KEPT in batch else None
+    token_mask = torch.ones(b, t if keep is None else keep.shape[1], device=dev)
 
     teacher_states = None
     if need_hidden:
@@ -583,7 +593,7 @@ def batch_losses(s: Setup, batch: dict[str, torch.Tensor], weights: dict[str, fl
     autocast = torch.autocast(dev.type, dtype=s.autocast_dtype) if s.autocast_dtype else nullcontext()
     with autocast:
         last, states, routed = (model or s.model)(ids, positions, s.student_layers if need_hidden else None,
-                                                  teacher_states if "feature" in want else None, token_mask)
+                                                  teacher_states if "feature" in want else None, token_mask, keep)
 
     targets = None  # teacher targets: for KD, and (when the cache gives them anyway) for top-1 agreement
     if "kd" in want or {"topk_ids", "sample_ids"} & batch.keys():
@@ -600,11 +610,17 @@ def batch_losses(s: Setup, batch: dict[str, torch.Tensor], weights: dict[str, fl
                        counts=batch.get("global_counts"))
     if "feature" in want:
         projected, target_states, routing = routed
-        out["feature"] = sum(feature_loss(p, tgt, token_mask) for p, tgt in zip(projected, target_states)) / len(projected)
+        if s.reader.hidden_rank:  # per-layer bases: the router mixes the per-layer losses (router.py)
+            out["feature"] = sum(routed_feature_loss(p, target_states, routing[i], token_mask)
+                                 for i, p in enumerate(projected)) / len(projected)
+        else:
+            out["feature"] = sum(feature_loss(p, tgt, token_mask) for p, tgt in zip(projected, target_states)) / len(projected)
         out["router_balance"] = balance_loss(routing)
     if "relation" in want:
         pairs = s.core.router.fixed_map.tolist() if s.core.router is not None else range(len(states))
         segments = (positions == 0).cumsum(-1)  # relations pair tokens of one document piece only
+        if keep is not None:  # the kept positions, ascending: the causal order among them is theirs
+            segments = segments.gather(1, keep)
         out["relation"] = sum(relation_loss(h, teacher_states[j], token_mask, segments)
                               for h, j in zip(states, pairs)) / len(states)
     # In COMPONENTS order, never a set's: set order follows the per-process string hash seed, and a float sum

@@ -119,9 +119,9 @@ def instrumented_run(tmp_path_factory, kd_cache):
         finally:
             context["eval_step"] = None
 
-    def forward(self, input_ids, position_ids, student_layers, teacher_states=None, mask=None):
+    def forward(self, input_ids, position_ids, student_layers, teacher_states=None, mask=None, keep=None):
         log["forward_layers"].append((student_layers, dict(context["weights"])))
-        return real_forward(self, input_ids, position_ids, student_layers, teacher_states, mask)
+        return real_forward(self, input_ids, position_ids, student_layers, teacher_states, mask, keep)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(CacheReader, "read", read)

@@ -277,3 +277,20 @@ def test_sampled_and_hybrid_kd_gradients_are_unbiased_and_hybrid_varies_less():
     for form, grads in got.items():
         assert ((torch.stack(grads).mean(0) - full).abs() <= 5 * stderr + 3 / (draws * repeats)).all(), form
     assert torch.stack(got["hybrid"]).var(0).sum() < 0.5 * torch.stack(got["sampled"]).var(0).sum()
+
+
+def test_routed_feature_loss_is_the_feature_loss_of_the_chosen_layer_and_mixes_per_layer_losses():
+    from sad_pipe.stages.train_student.losses import routed_feature_loss
+
+    g = torch.Generator().manual_seed(0)
+    b, t, r = 3, 5, 4
+    projected = {j: torch.randn(b, t, r, generator=g) for j in range(2)}
+    targets = [standardize(torch.randn(b, t, r, generator=g)) for _ in range(2)]
+    mask = (torch.rand(b, t, generator=g) > 0.3).float()
+    one_hot = torch.tensor([[0.0, 1.0]]).expand(b, -1)
+    torch.testing.assert_close(routed_feature_loss(projected, targets, one_hot, mask),
+                               feature_loss(projected[1], targets[1], mask))
+    alpha = torch.tensor([[0.25, 0.75]]).expand(b, -1)  # the same mixture for every sequence: the mixed losses
+    torch.testing.assert_close(routed_feature_loss(projected, targets, alpha, mask),
+                               0.25 * feature_loss(projected[0], targets[0], mask)
+                               + 0.75 * feature_loss(projected[1], targets[1], mask))
