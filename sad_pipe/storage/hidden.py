@@ -34,6 +34,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from sad_pipe.errors import CacheError
+
 BASIS_FILE = "hidden_basis.safetensors"
 KEPT = "kept_positions"
 
@@ -171,11 +173,17 @@ class HiddenBasis:
                    {l: torch.from_numpy(t[f"eigenvalues_{l}"].copy()) for l in layers}, int(t["fit_tokens"][0]))
 
 
-def read_basis(cache) -> HiddenBasis | None:
-    """The cache's basis (a CacheFS), or None for a cache without one."""
+def read_basis(cache, expected: dict | None = None) -> HiddenBasis | None:
+    """The cache's basis (a CacheFS), or None for a cache without one. expected: its plan.json record
+    ({"sha256": ...}); a file that does not match it is damage, refused rather than used (a resumed stage one
+    would encode the rest of the cache in another basis than its first shards)."""
     if not cache.exists(BASIS_FILE):
         return None
-    return HiddenBasis.from_bytes(cache.read_bytes(BASIS_FILE))
+    data = cache.read_bytes(BASIS_FILE)
+    if expected is not None and hashlib.sha256(data).hexdigest() != expected["sha256"]:
+        raise CacheError(f"cache {cache.url}: {BASIS_FILE} does not match its checksum in plan.json: damaged or replaced "
+                         "since the cache was planned; restore it (its shards were written with it) or start the cache afresh")
+    return HiddenBasis.from_bytes(data)
 
 
 def encode_states(h: torch.Tensor, dtype: str, basis: HiddenBasis | None = None, layer: int | None = None,

@@ -40,9 +40,11 @@ def writer_config(root: Path, assets, docs: str, **sections) -> str:
     update keys section by section."""
     base = {"teacher": {"layers": [1, 2], "device": "cpu"},
             "data": {"path": docs, "max_length": MAX_LENGTH, "eval_fraction": EVAL_FRACTION},
-            # Every target form: the kill, crash-point, repair and corruption campaigns cover the draws too.
+            # Every target form and the low-rank, subsampled hidden states with their stored basis: the kill,
+            # crash-point, repair and corruption campaigns cover the draws, hidden_basis.safetensors and kept_positions.
             "cache": {"top_k": 16, "temperatures": [1.0, 2.0], "sequences_per_shard": PER_SHARD,
-                      "sequences_per_chunk": PER_CHUNK, "targets": ["topk", "sampled", "hybrid"], "samples": 8}}
+                      "sequences_per_chunk": PER_CHUNK, "targets": ["topk", "sampled", "hybrid"], "samples": 8,
+                      "hidden_rank": 8, "hidden_positions": "every:2"}}
     for section, values in sections.items():
         base.setdefault(section, {}).update(values)
     root.mkdir(parents=True, exist_ok=True)

@@ -323,7 +323,8 @@ def test_free_space_is_checked_before_the_teacher_runs(assets, rel_docs, tmp_pat
     monkeypatch.setattr(stage, "_fill", stop)
     assert "may not fit" not in cli("cache-teacher", "--config", config, expect=130).output
     plan = read_plan(CacheFS(url))
-    raw = sum(s.bytes_per_token for s in plan.arrays) * sum(v["tokens"] for v in plan.splits.values())
+    sequences = sum(b - a for v in plan.splits.values() for a, b in v["shards"])  # subsampled hidden rows count as stored
+    raw = sum(s.bytes_per_sequence(plan.identity["packing"]["max_length"]) for s in plan.arrays) * sequences
     free["bytes"] = raw - 1
     out = cli("cache-teacher", "--config", config, expect=130).output
     warning = [line for line in out.splitlines() if "may not fit" in line]

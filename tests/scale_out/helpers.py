@@ -29,7 +29,8 @@ RANK_ENV = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE"
 # ranks, rank 0 writes train 0, 2 and eval 0, rank 1 train 1, 3. Top-16, lse at T=1,2, teacher layer 1.
 DATA = {"max_documents": 5, "max_length": 32, "eval_fraction": 0.2}
 CACHE = {"top_k": 16, "temperatures": [1.0, 2.0], "sequences_per_shard": 64, "sequences_per_chunk": 16,
-         "targets": ["topk", "sampled", "hybrid"], "samples": 8}  # the draws too: seeded per sequence, rank-independent
+         "targets": ["topk", "sampled", "hybrid"], "samples": 8,  # the draws too: seeded per sequence, rank-independent
+         "hidden_rank": 8, "hidden_positions": "random:0.5"}  # rank 0 fits the basis, every rank encodes with it
 
 
 def torchrun(nproc: int, *args: str, expect: int | None = 0, timeout: float = 300) -> subprocess.CompletedProcess:

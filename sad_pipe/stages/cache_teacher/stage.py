@@ -41,7 +41,7 @@ from sad_pipe.stages.cache_teacher.plan import (
 from sad_pipe.stages.cache_teacher.runner import TeacherRunner, make_runner
 from sad_pipe.stages.cache_teacher.sink import ShardSink, TeacherOutputError
 from sad_pipe.storage.fs import CacheFS
-from sad_pipe.storage.hidden import hidden_rank, read_basis
+from sad_pipe.storage.hidden import BASIS_FILE, hidden_rank, read_basis
 from sad_pipe.storage.inspect import bytes_per_token, stored_positions, topk_mass
 from sad_pipe.storage.manifest import Plan, cache_id, missing_shards, read_commits, read_plan
 from sad_pipe.storage.verify import collect_garbage
@@ -80,7 +80,7 @@ def run(cfg: Config, *, dry_run: bool = False) -> dict:
     distributed.barrier()
     plan = read_plan(cache)
     if runner is not None and hidden_rank(identity):  # the plan's basis, fitted by create: never refitted
-        runner.basis = read_basis(cache)
+        runner.basis = read_basis(cache, plan.files.get(BASIS_FILE))
     missing = missing_shards(plan, read_commits(cache))
     todo = [(s, i) for s, i in missing if i % world == rank]
     figures = {"forward_seconds": 0.0, "fill_seconds": 0.0, "tokens": 0, "committed": 0}

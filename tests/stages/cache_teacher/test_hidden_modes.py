@@ -119,6 +119,24 @@ def test_a_changed_basis_file_is_damage_that_verify_reports(low_rank, tmp_path):
     assert not report.ok and any(BASIS_FILE in p for p in report.problems["cache"])
 
 
+def test_a_resume_refuses_a_damaged_basis_in_one_line_and_writes_nothing(low_rank, tmp_path):
+    import shutil
+
+    url = json.loads(Path(low_rank).read_text())["cache"]["path"]
+    copy = tmp_path / "copy"
+    shutil.copytree(url, copy)
+    drop_shards(str(copy), [("train", 1)])
+    raw = bytearray((copy / BASIS_FILE).read_bytes())
+    raw[-3] ^= 0xFF  # one flipped byte: a basis that loads fine, only not the one shard 0 was written with
+    (copy / BASIS_FILE).write_bytes(bytes(raw))
+    config = json.loads(Path(low_rank).read_text())
+    config["cache"]["path"] = str(copy)
+    resumed = tmp_path / "resume.json"
+    resumed.write_text(json.dumps(config))
+    assert_refused(str(resumed), 1, re.escape(f"{BASIS_FILE} does not match its checksum in plan.json"))
+    assert not any(p.name.startswith("00001-") for p in (copy / "shards" / "train").iterdir())  # nothing written
+
+
 def test_inspect_shows_variance_explained_and_bytes_per_layer(low_rank):
     url = json.loads(Path(low_rank).read_text())["cache"]["path"]
     info = describe(url)["hidden"]
