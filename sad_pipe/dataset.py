@@ -43,11 +43,10 @@ from torch.utils.data import Dataset, default_collate
 from sad_pipe.errors import CacheError
 from sad_pipe.storage.codecs import decode_hidden, decode_samples, decode_topk, torch_view
 from sad_pipe.storage.hidden import describe_positions, hidden_mode, positions_subsampled
-from sad_pipe.storage.manifest import hidden_name, target_forms
+from sad_pipe.storage.manifest import DRAW_ARRAYS, hidden_name, target_forms
 from sad_pipe.storage.reader import CacheReader, DecodedChunks, epoch_order
 
 IGNORE_INDEX = -100  # labels the HF losses skip
-DRAWS = {"hybrid": "tail", "sampled": "sample"}  # draws= -> the fields' prefix (the reader's array names)
 
 
 def open_cache(url: str) -> Cache:
@@ -159,8 +158,8 @@ class CacheExamples(Dataset):
 
     def _check_draws(self, draws: str) -> None:
         reader, forms = self.reader, target_forms(self.reader.identity)
-        if draws not in DRAWS:
-            raise ValueError(f"draws {draws!r}: one of {', '.join(DRAWS)} (or None)")
+        if draws not in DRAW_ARRAYS:
+            raise ValueError(f"draws {draws!r}: one of {', '.join(DRAW_ARRAYS)} (or None)")
         if draws not in forms:
             raise CacheError(f"draws {draws!r}: {reader.url} holds no {draws} targets (its cache.targets: "
                              f"{', '.join(sorted(forms))})")
@@ -199,7 +198,7 @@ class CacheExamples(Dataset):
             out["tail_mass"] = (-torch.expm1(torch.logsumexp(logprobs, dim=-1))).clamp_min(0.0)  # 1 - sum p, accurately
             out["temperature"] = self.temperature
         if self.draws is not None:
-            prefix = DRAWS[self.draws]
+            prefix = DRAW_ARRAYS[self.draws]
             out[f"{prefix}_ids"], out[f"{prefix}_counts"] = decode_samples(row, prefix)
             out["temperature"] = self.temperature
         for layer in self.layers:
@@ -229,7 +228,7 @@ class CacheExamples(Dataset):
             features.update(topk_ids=datasets.Array2D((t, k), "int64"), topk_logprobs=datasets.Array2D((t, k), "float32"),
                             tail_mass=datasets.List(datasets.Value("float32"), length=t))
         if self.draws is not None:
-            prefix, n = DRAWS[self.draws], self.reader.identity["targets"]["samples"]
+            prefix, n = DRAW_ARRAYS[self.draws], self.reader.identity["targets"]["samples"]
             features.update({f"{prefix}_ids": datasets.Array2D((t, n), "int64"),
                              f"{prefix}_counts": datasets.Array2D((t, n), "float32")})
         if self.topk or self.draws is not None:

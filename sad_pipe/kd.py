@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sad_pipe.dataset import DRAWS
 from sad_pipe.stages.train_student.losses import TeacherTargets, feature_loss, relation_loss, vocab_losses
+from sad_pipe.storage.manifest import DRAW_ARRAYS
 
 __all__ = ["FORM_FIELDS", "kd_loss", "kd_losses", "feature_loss", "relation_loss", "teacher_targets"]
 
@@ -41,7 +41,7 @@ def teacher_targets(batch: dict[str, torch.Tensor], student_vocab: int, temperat
         logprobs = batch["topk_logprobs"].flatten(0, 1).float()
         out = TeacherTargets(ids=ids.clamp_max(student_vocab - 1), valid=ids < student_vocab,
                              logits=logprobs * temperature, lse=logprobs.new_zeros(logprobs.shape[0]))
-    prefix = {"hybrid": "tail", "sampled": "sample"}.get(form)
+    prefix = DRAW_ARRAYS.get(form)
     if prefix is not None:
         ids, counts = batch[f"{prefix}_ids"].flatten(0, 1), batch[f"{prefix}_counts"].flatten(0, 1).float()
         out.draw_counts = torch.where(ids < student_vocab, counts, 0.0)
@@ -65,8 +65,8 @@ def kd_losses(batch: dict[str, torch.Tensor], *, logits: torch.Tensor | None = N
     if (logits is None) == (hidden is None) or (hidden is not None and head is None):
         raise ValueError("pass the student as logits=..., or as hidden=... with its head=...")
     needs = FORM_FIELDS[form]
-    missing = (["topk_ids"] if needs.get("topk") and "topk_ids" not in batch else []) + \
-        ([f"{DRAWS[needs['draws']]}_ids"] if "draws" in needs and f"{DRAWS[needs['draws']]}_ids" not in batch else [])
+    wanted = (["topk_ids"] if needs.get("topk") else []) + ([f"{DRAW_ARRAYS[needs['draws']]}_ids"] if "draws" in needs else [])
+    missing = [name for name in wanted if name not in batch]
     if missing:
         asked = ", ".join(f"{k}={v!r}" for k, v in needs.items())
         raise ValueError(f"form {form}: the batch has no {', '.join(missing)}; build the dataset with {asked}")

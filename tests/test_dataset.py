@@ -171,7 +171,7 @@ def test_asking_for_what_the_cache_lacks_is_one_line(kd_cache):
     for message, kwargs in {"draws='hybrid' are the teacher's tail outside its top-k: ask for topk=True": dict(draws="hybrid"),
                             "top_k 4: the hybrid draws cover everything outside the cached top 16":
                             dict(topk=True, draws="hybrid", top_k=4),
-                            "draws 'all': one of hybrid, sampled": dict(draws="all")}.items():
+                            "draws 'all': one of sampled, hybrid": dict(draws="all")}.items():
         with pytest.raises(ValueError, match=message):
             cache.dataset("train", **kwargs)
     with pytest.raises(CacheError, match="has no 'test' split \\(splits: eval, train\\)"):

@@ -59,6 +59,10 @@ class ArraySpec:
         return out
 
 
+# The draws of each drawn target form are stored as <prefix>_ids and <prefix>_counts.
+DRAW_ARRAYS = {"sampled": "sample", "hybrid": "tail"}
+
+
 def hidden_name(layer: int) -> str:
     return f"hidden_{layer}"
 
@@ -75,7 +79,7 @@ def shard_arrays(identity: dict) -> list[ArraySpec]:
                   ArraySpec("topk_values", scheme.value_dtype.name, (scheme.k,)), ArraySpec("topk_max", "float32")]
         if scheme.values == "uint8":
             specs.append(ArraySpec("topk_step", "float16"))
-    for form, name in (("sampled", "sample"), ("hybrid", "tail")):
+    for form, name in DRAW_ARRAYS.items():
         if form in forms:
             n = identity["targets"]["samples"]
             specs += [ArraySpec(f"{name}_ids", scheme.id_dtype.name, (n,)), ArraySpec(f"{name}_counts", "uint8", (n,))]

@@ -70,7 +70,7 @@ from sad_pipe.stages.train_student.router import LayerRouter
 from sad_pipe.stages.train_student.tracking import MetricsLog, check_trackers
 from sad_pipe.storage.codecs import decode_hidden, decode_samples, decode_topk
 from sad_pipe.storage.hidden import KEPT
-from sad_pipe.storage.manifest import cache_id, hidden_name, target_forms
+from sad_pipe.storage.manifest import DRAW_ARRAYS, cache_id, hidden_name, target_forms
 from sad_pipe.storage.reader import CacheDataset, CacheReader, FieldSchedule
 from sad_pipe.storage.verify import check_plan_files
 
@@ -533,7 +533,7 @@ def cached_targets(s: Setup, batch: dict[str, torch.Tensor], form: str | None = 
         out.ids, out.logits = ids.clamp_max(s.student_vocab - 1), top.logits.flatten(0, 1)
     if "lse" in arrays and s.temperature_index is not None:
         out.lse = arrays["lse"][..., s.temperature_index].reshape(-1)
-    name = {"sampled": "sample", "hybrid": "tail"}.get(form or s.cfg.loss.kd_form)
+    name = DRAW_ARRAYS.get(form or s.cfg.loss.kd_form)
     if name is None and out.ids is None:  # sampled targets only, read for the agreement metric
         name = "sample"
     if name is not None and f"{name}_ids" in arrays:
