@@ -21,7 +21,7 @@ import torch
 from sad_pipe.pipeline.config import load_config
 from sad_pipe.pipeline.models import load_causal_lm
 from sad_pipe.stages.train_student.losses import TeacherTargets, fit_vocabulary, vocab_losses
-from sad_pipe.stages.train_student.train import cached_targets, loss_masks, setup
+from sad_pipe.stages.train_student.train import KD_NEEDS, cached_targets, loss_masks, setup
 from sad_pipe.storage.reader import CacheDataset, FieldSchedule
 
 FORMS = ("tail", "subset", "sampled", "hybrid")
@@ -43,9 +43,7 @@ def diagnose(configs: list[str], overrides: list[str], teacher: str, out: Path, 
     cfg = load_config(configs, [*overrides, f"loss.kd_form={follow}", f"train.output={out / 'run'}",
                                 f"train.max_steps={steps}", "curriculum.use_curriculum=false"])
     s = setup(cfg)
-    forms = [f for f in FORMS if all(g in s.reader.groups for g in {"tail": {"topk", "lse"}, "subset": {"topk"},
-                                                                      "sampled": {"samples"},
-                                                                      "hybrid": {"topk", "lse", "tail_samples"}}[f])]
+    forms = [f for f in FORMS if KD_NEEDS[f] <= s.reader.groups]  # the cached forms this cache can serve
     online = load_causal_lm(teacher, revision=None, dtype=torch.float32, device=s.device, trust_remote_code=False,
                             what="teacher").eval().requires_grad_(False)
     data = CacheDataset(cfg.cache.path, "train", cfg.train.batch_size, FieldSchedule(always=s.reader.groups - {"hidden"}),
